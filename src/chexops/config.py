@@ -1,0 +1,351 @@
+"""params.yaml -> typed, validated dataclasses.
+
+One typed config for every stage. Unknown keys are errors (a typo in params.yaml
+must not silently fall back to a default), and every error names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from chexops.errors import ChexopsError
+
+OBSERVATIONS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+)
+UNCERTAINTY_POLICIES = ("ignore", "zeros", "ones", "multiclass", "selftrained")
+N_ROUNDS = 5
+
+
+class ConfigError(ChexopsError, ValueError):
+    """A params.yaml problem; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    threads: int = 2              # torch intra-op threads; 0 keeps torch's default
+    workers: int = 0              # DataLoader worker processes
+    deterministic: bool = False   # torch.use_deterministic_algorithms
+    amp: str = "auto"             # auto | off | bf16 | fp16 (auto: bf16 on CUDA, off on CPU)
+    channels_last: str = "auto"   # auto | on | off (auto: on for CUDA)
+    compile: bool = False         # torch.compile; slow to compile on CPU, off by default
+    distributed: str = "off"      # off | torchrun
+    nproc_per_node: int = 1       # processes per node when distributed == torchrun
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    train_patients: int = 600
+    valid_patients: int = 70
+    studies_per_patient: float = 1.6   # mean, >= 1
+    lateral_fraction: float = 0.15     # share of studies that also have a lateral view
+    width: int = 320
+    height: int = 384
+    jpeg_quality: int = 90
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"      # synthetic | url | a local CheXpert directory or .zip
+    url_env: str = "CHEXPERT_URL"  # environment variable holding the (signed) URL
+    sha256: str = ""               # optional checksum of the downloaded zip
+    retries: int = 4
+    timeout_s: float = 60.0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    uncertainty: dict[str, str] = field(default_factory=dict)  # per observation
+    default_uncertainty: str = "zeros"
+    views: str = "all"             # all | frontal | ap | pa
+    sex: str = "all"               # all | male | female
+    age_min: float | None = None
+    age_max: float | None = None
+    max_bad_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class ResampleConfig:
+    strategy: str = "oversample"   # none | oversample | undersample
+    fraction: float = 1.0          # keep this share after resampling
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "densenet121"
+    pretrained: Union[bool, str] = False  # False | True (timm hub/cache) | path to weights
+    head: str = "fastai"           # fastai | timm
+    ps: float = 0.5
+    hidden: int = 512
+    bn_final: bool = True
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    preset: str = "none"           # none | lighting | light | custom
+    brightness: float = 0.0
+    contrast: float = 0.0
+    rotate_deg: float = 0.0
+    translate: float = 0.0
+    scale: float = 0.0
+    hflip: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    image_size: int = 64
+    batch_size: Union[int, str] = 16     # int or "auto"
+    wd: float = 1e-2
+    pct_start: float = 0.3
+    div: float = 25.0
+    final_div: float = 1e4
+    moms: tuple[float, float] = (0.95, 0.85)
+    pos_weight: float | None = None
+    max_batches: int = 0                 # 0 = whole epoch; >0 caps batches per epoch (tests)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ResampleDraw:
+    """A fresh sample drawn by a round (the seed study's rounds 3 and 4)."""
+    seed: int = 0
+    size: int = 0                  # rows to draw after resampling; 0 = all
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    epochs: int = 1
+    lr: Union[float, tuple[float, float], str, None] = None  # None -> top-level lr (round 1)
+    freeze: bool = False
+    resample: ResampleDraw | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    threshold: float = 0.5
+    target_sensitivity: float = 0.9
+    bootstrap: int = 1000
+    tta: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "chexops"
+    store: str = "mlflow.db"        # embedded SQLite file, relative to the repo root
+    artifacts: str = "mlartifacts"  # embedded artifact folder, relative to the repo root
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    lr: float = 3e-3
+    targets: tuple[str, ...] = ("Cardiomegaly",)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rounds: dict[str, RoundConfig] = field(default_factory=dict)  # keys r1..r5
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def round(self, k: int) -> RoundConfig:
+        """Round k (1-based); round 1's lr defaults to the top-level `lr`."""
+        cfg = self.rounds[f"r{k}"]
+        if k == 1 and cfg.lr is None:
+            cfg = dataclasses.replace(cfg, lr=self.lr)
+        return cfg
+
+    def uncertainty_policy(self, observation: str) -> str:
+        return self.clean.uncertainty.get(observation, self.clean.default_uncertainty)
+
+
+# ---------------------------------------------------------------- building
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not any of "
+                          f"{', '.join(_type_name(o) for o in options)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} must be one of {typing.get_args(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vtype = typing.get_args(tp)
+        return {str(k): _coerce(v, vtype, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, raw)) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} in params.yaml; "
+                          f"known keys here: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+              for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def _validate(p: Params) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(len(p.targets) > 0, "targets: name at least one observation, e.g. [Cardiomegaly]")
+    for t in p.targets:
+        need(t in OBSERVATIONS, f"targets: unknown observation {t!r}; "
+                                f"choose from {', '.join(OBSERVATIONS)}")
+    need(p.lr > 0, f"lr: must be > 0, got {p.lr}")
+    for obs, pol in {**p.clean.uncertainty, "default": p.clean.default_uncertainty}.items():
+        need(obs == "default" or obs in OBSERVATIONS,
+             f"clean.uncertainty: unknown observation {obs!r}")
+        need(pol in UNCERTAINTY_POLICIES,
+             f"clean.uncertainty.{obs}: unknown policy {pol!r}; "
+             f"choose from {', '.join(UNCERTAINTY_POLICIES)}")
+    need(p.clean.views in ("all", "frontal", "ap", "pa"),
+         f"clean.views: {p.clean.views!r} must be all, frontal, ap or pa")
+    need(p.clean.sex in ("all", "male", "female"),
+         f"clean.sex: {p.clean.sex!r} must be all, male or female")
+    need(0 <= p.clean.max_bad_fraction <= 1, "clean.max_bad_fraction: must be within [0, 1]")
+    need(p.resample.strategy in ("none", "oversample", "undersample"),
+         f"resample.strategy: {p.resample.strategy!r} must be none, oversample or undersample")
+    need(0 < p.resample.fraction <= 1, "resample.fraction: must be within (0, 1]")
+    need(p.model.head in ("fastai", "timm"), f"model.head: {p.model.head!r} must be fastai or timm")
+    need(0 <= p.model.ps < 1, "model.ps: dropout must be within [0, 1)")
+    bs = p.train.batch_size
+    need(bs == "auto" or (isinstance(bs, int) and bs > 0),
+         f"train.batch_size: {bs!r} must be a positive whole number or auto")
+    need(p.train.image_size >= 32, "train.image_size: must be at least 32 pixels")
+    need(p.runtime.threads >= 0 and p.runtime.workers >= 0,
+         "runtime.threads and runtime.workers: must be >= 0")
+    need(p.runtime.distributed in ("off", "torchrun"),
+         f"runtime.distributed: {p.runtime.distributed!r} must be off or torchrun")
+    expected = {f"r{k}" for k in range(1, N_ROUNDS + 1)}
+    need(set(p.rounds) == expected,
+         f"rounds: define exactly {', '.join(sorted(expected))}; got {', '.join(sorted(p.rounds)) or 'none'}")
+    for name, r in p.rounds.items():
+        need(r.epochs >= 1, f"rounds.{name}.epochs: must be >= 1")
+        lr = r.lr
+        if isinstance(lr, str):
+            need(lr == "auto", f"rounds.{name}.lr: {lr!r} must be a number, [lo, hi] or auto")
+        elif isinstance(lr, tuple):
+            need(0 < lr[0] <= lr[1], f"rounds.{name}.lr: range [lo, hi] needs 0 < lo <= hi, got {list(lr)}")
+        elif lr is not None:
+            need(lr > 0, f"rounds.{name}.lr: must be > 0, got {lr}")
+        else:
+            need(name == "r1", f"rounds.{name}.lr: set a learning rate (only r1 may inherit the top-level lr)")
+
+
+def params_from_dict(raw: dict) -> Params:
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the repository root "
+                          f"or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    return params_from_dict(raw)
+
+
+def to_dict(params: Any) -> Any:
+    """Plain dict/list form (for logging the resolved config as is)."""
+    if dataclasses.is_dataclass(params):
+        return {f.name: to_dict(getattr(params, f.name)) for f in dataclasses.fields(params)}
+    if isinstance(params, dict):
+        return {k: to_dict(v) for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return [to_dict(v) for v in params]
+    return params
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = d if not isinstance(d, (list, tuple)) else str(list(d))
+    return out

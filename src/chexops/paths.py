@@ -1,0 +1,38 @@
+"""Where each stage reads and writes, relative to the repository root (mirrors dvc.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+RAW_ZIP = RAW_DIR / "chexpert.zip"                 # the CheXpert zip, one DVC object
+TRUTH = RAW_DIR / "synthetic_truth.parquet"        # synthetic only; training never reads it
+CLEAN_LABELS = Path("data/clean/labels.parquet")
+CLEAN_REPORT = Path("data/clean/bad_images.csv")
+RESAMPLED_DIR = Path("data/resampled")
+RESAMPLED_TRAIN = RESAMPLED_DIR / "train.parquet"
+RESAMPLED_VALID = RESAMPLED_DIR / "valid.parquet"
+CACHE_DIR = Path("data/cache")                     # decoded-image cache; not DVC-tracked
+CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpoints; not DVC-tracked
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+RUNS_DIR = Path("runs")                            # runs/<stage>.json: the MLflow run that made an output
+
+
+def round_dir(k: int) -> Path:
+    return Path("models") / f"round-{k}"
+
+
+def round_weights(k: int) -> Path:
+    return round_dir(k) / "best.safetensors"
+
+
+def round_meta(k: int) -> Path:
+    return round_dir(k) / "meta.json"
+
+
+def round_metrics(k: int) -> Path:
+    return METRICS_DIR / f"round-{k}.json"
+
+
+def stage_run_file(stage: str) -> Path:
+    return RUNS_DIR / f"{stage}.json"
