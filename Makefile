@@ -1,0 +1,34 @@
+# chexops: `make repro` runs the default pipeline, `make test` the test suite, on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.chexops-installed
+# Stage commands (`chexops ...`) and dvc come from the venv.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
+PORT ?= 5000
+
+.PHONY: setup repro test test-fast ui bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+repro: setup
+	$(RUN) dvc repro
+
+test: setup
+	$(RUN) $(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(RUN) $(BIN)/python -m pytest -q -m "not slow"
+
+ui: setup
+	$(RUN) chexops ui --port $(PORT)
+
+bench: setup
+	$(RUN) $(BIN)/python benchmarks/data_bench.py
+	$(RUN) $(BIN)/python benchmarks/train_bench.py

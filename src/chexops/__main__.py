@@ -1,0 +1,5 @@
+import sys
+
+from chexops.cli import main
+
+sys.exit(main())
