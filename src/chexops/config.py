@@ -188,14 +188,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors: dict[Any, ConfigError] = {}
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors[typing.get_origin(option) or option] = exc
+        # a list that fails as a tuple (or a mapping as a section) has the telling message
+        if isinstance(value, (list, tuple)) and tuple in errors:
+            raise errors[tuple]
+        if isinstance(value, dict):
+            for option, exc in errors.items():
+                if dataclasses.is_dataclass(option):
+                    raise exc
         raise ConfigError(f"{key}: {value!r} is not any of "
                           f"{', '.join(_type_name(o) for o in options)}")
     if origin is Literal:
