@@ -135,3 +135,10 @@ def _artifact_paths(c, run_id: str, path: str | None = None) -> list[str]:
     for item in c.list_artifacts(run_id, path):
         out.extend(_artifact_paths(c, run_id, item.path) if item.is_dir else [item.path])
     return out
+
+
+def test_plots_show_renders(repo):
+    out = run(["dvc", "plots", "show", "--json"], repo, pipeline_env()).stdout
+    rendered = json.loads(out)
+    names = json.dumps(rendered)
+    assert "plots/evaluate/roc.csv" in names and "plots/round-1/history.csv" in names

@@ -2,12 +2,14 @@
 
 Heavy libraries (torch, timm, mlflow) are imported by the stage that needs them, so
 `chexops --help` and a bad-params error answer at once.
+
+A command module provides `add_arguments(parser)` and `run(args, params, root)`; a
+stage module provides `main(params, root)`. Register new ones in the tables below.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,12 @@ STAGES = {
     "evaluate": "chexops.stages.evaluate",
 }
 
+# command name -> (module with add_arguments/run, help)
+COMMANDS = {
+    "train-round": ("chexops.stages.train_round", "run training round K (1-5)"),
+    "ui": ("chexops.ui", "start the MLflow UI on the embedded store (127.0.0.1)"),
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexops", description=__doc__.splitlines()[0])
@@ -29,11 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
         sub.add_parser(name, help=f"run the {name} stage")
-    train = sub.add_parser("train-round", help="run training round K (1-5)")
-    train.add_argument("k", type=int, choices=range(1, 6), metavar="K")
-    ui = sub.add_parser("ui", help="start the MLflow UI on the embedded store (127.0.0.1)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    for name, (module, help_text) in COMMANDS.items():
+        # argument definitions live in light modules or functions that import nothing heavy
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -41,18 +47,12 @@ def _run(args: argparse.Namespace) -> None:
     from chexops.config import load_params
 
     root = Path(args.root).resolve()
-    params = load_params(root / args.params if not Path(args.params).is_absolute() else args.params)
+    params_path = Path(args.params)
+    params = load_params(params_path if params_path.is_absolute() else root / params_path)
     if args.command in STAGES:
         importlib.import_module(STAGES[args.command]).main(params, root)
-    elif args.command == "train-round":
-        from chexops.stages import train_round
-
-        train_round.main(params, root, args.k)
-    elif args.command == "ui":
-        from chexops.tracking import ui_command
-
-        argv = ui_command(params, root, port=args.port, host=args.host)
-        os.execvp(argv[0], argv)
+    else:
+        importlib.import_module(COMMANDS[args.command][0]).run(args, params, root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,198 @@
+"""Evaluation as pure functions: per-target metrics, curves, the synthetic ceiling, the report.
+
+Inputs are arrays and frames; nothing here reads or writes files (stages/evaluate.py does).
+An empty validation split, or one holding a single class, makes AUROC undefined: the record
+says so in a `note` (auroc null) instead of failing the stage.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+# Where the synthetic truth side file keeps the latent score of a target; first match wins.
+# data/synthetic.py writes one row per image (`Path`) with the cardiothoracic ratio; a generic
+# `<target>_score` column works for any target.
+TRUTH_SCORE_COLUMNS = {"Cardiomegaly": ("ctr", "cardiothoracic_ratio", "Cardiomegaly_ratio")}
+
+
+def plain(obj: Any) -> Any:
+    """NumPy scalars/arrays -> Python values, so JSON writes numbers, not strings."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def valid_labels(df: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of rows with a 0/1 label, those labels); validation labels should all be 0/1."""
+    labels = pd.to_numeric(df[target], errors="coerce").to_numpy()
+    mask = np.isin(labels, (0, 1))
+    return mask, labels[mask].astype(int)
+
+
+def target_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, Any]:
+    """binary_metrics plus a `note` when AUROC is undefined (no rows, or one class only)."""
+    from chexops.metrics import binary_metrics
+
+    n, n_pos = len(y_true), int(np.sum(y_true))
+    if n == 0:
+        return {"auroc": None, "n": 0, "n_pos": 0, "threshold": threshold,
+                "note": "validation split is empty: no metric can be computed"}
+    record = plain(binary_metrics(y_true, y_prob, threshold=threshold))
+    record["threshold"] = threshold
+    if n_pos in (0, n):
+        record["auroc"] = None
+        kind = "positive" if n_pos == n else "negative"
+        record["note"] = f"validation split holds only {kind} cases: AUROC is undefined"
+    return record
+
+
+def roc_frame(y_true: np.ndarray, y_prob: np.ndarray) -> pd.DataFrame:
+    """ROC curve points (fpr, tpr); empty when one class is missing."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y_true)) < 2:
+        return pd.DataFrame({"fpr": [], "tpr": []})
+    fpr, tpr, _ = roc_curve(y_true, y_prob)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr})
+
+
+def pr_frame(y_true: np.ndarray, y_prob: np.ndarray) -> pd.DataFrame:
+    """Precision-recall curve points (recall, precision); empty without positives."""
+    from sklearn.metrics import precision_recall_curve
+
+    if len(y_true) == 0 or int(np.sum(y_true)) == 0:
+        return pd.DataFrame({"recall": [], "precision": []})
+    precision, recall, _ = precision_recall_curve(y_true, y_prob)
+    return pd.DataFrame({"recall": recall, "precision": precision})
+
+
+def confusion_frame(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> pd.DataFrame:
+    """One row per image, (actual, predicted): what DVC's confusion template reads."""
+    predicted = (np.asarray(y_prob) >= threshold).astype(int)
+    return pd.DataFrame({"actual": np.asarray(y_true, dtype=int), "predicted": predicted})
+
+
+def truth_score_column(truth: pd.DataFrame, target: str) -> str | None:
+    """The truth table's latent score for `target`, or None when it has none."""
+    for column in (*TRUTH_SCORE_COLUMNS.get(target, ()), f"{target}_score"):
+        if column in truth.columns:
+            return column
+    return None
+
+
+def ceiling_auroc(truth: pd.DataFrame, paths: pd.Series, y_true: np.ndarray,
+                  target: str) -> float | None:
+    """AUROC of the true latent score against the validation labels: the best any model can do.
+
+    None when the truth has no score for `target`, misses images, or the labels hold one class.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    column = truth_score_column(truth, target)
+    if column is None or len(np.unique(y_true)) < 2:
+        return None
+    scores = truth.drop_duplicates("Path").set_index("Path")[column].reindex(paths.to_numpy())
+    if scores.isna().any():
+        return None
+    return float(roc_auc_score(y_true, scores.to_numpy(dtype=float)))
+
+
+def evaluate_targets(df: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ...],
+                     threshold: float, truth: pd.DataFrame | None = None
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, pd.DataFrame]]]:
+    """(metrics per target, curves per target {roc, pr, confusion}) for one validation split."""
+    metrics: dict[str, Any] = {}
+    curves: dict[str, dict[str, pd.DataFrame]] = {}
+    for j, target in enumerate(targets):
+        mask, y_true = valid_labels(df, target)
+        y_prob = np.asarray(probs, dtype=float).reshape(len(df), len(targets))[mask, j]
+        record = target_metrics(y_true, y_prob, threshold)
+        if truth is not None:
+            record["ceiling_auroc"] = ceiling_auroc(truth, df["Path"][mask], y_true, target)
+        metrics[target] = record
+        curves[target] = {"roc": roc_frame(y_true, y_prob), "pr": pr_frame(y_true, y_prob),
+                          "confusion": confusion_frame(y_true, y_prob, threshold)}
+    aurocs = [m["auroc"] for m in metrics.values() if m.get("auroc") is not None]
+    if len(targets) > 1:
+        metrics["mean"] = {"auroc": float(np.mean(aurocs)) if aurocs else None}
+    return metrics, curves
+
+
+def stack_curves(curves: dict[str, dict[str, pd.DataFrame]], kind: str) -> pd.DataFrame:
+    """One plot table over targets; a `target` column only when there are several."""
+    frames = [c[kind].assign(target=t) if len(curves) > 1 else c[kind] for t, c in curves.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+# ---------------------------------------------------------------- report
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_report(metrics: dict[str, Any], targets: tuple[str, ...], weights: str) -> str:
+    """A one-page markdown summary: the seed study's table, confusion matrices and notes."""
+    columns = ["n", "n_pos", "auroc", "ceiling_auroc", "precision", "recall", "specificity",
+               "error_rate"]
+    lines = ["# Evaluation on the validation split", "", f"Weights: `{weights}`", "",
+             "| target | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for t in targets:
+        lines.append(f"| {t} | " + " | ".join(_fmt(metrics[t].get(c)) for c in columns) + " |")
+    for t in targets:
+        m = metrics[t]
+        lines += ["", f"## {t}", "", f"Threshold {m.get('threshold')}."]
+        if m.get("confusion"):
+            (tn, fp), (fn, tp) = m["confusion"]
+            lines += ["", "| actual \\ predicted | 0 | 1 |", "|---|---|---|",
+                      f"| 0 | {tn} | {fp} |", f"| 1 | {fn} | {tp} |"]
+        if m.get("note"):
+            lines += ["", f"Note: {m['note']}."]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_figure(confusion: list[list[int]] | None, target: str) -> "Figure":
+    """Confusion matrix heat map (rows actual, columns predicted)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6, 3.2), dpi=100)
+    ax = fig.subplots()
+    matrix = np.asarray(confusion if confusion else [[0, 0], [0, 0]])
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="actual", title=target)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], metrics: dict[str, Any]) -> "Figure":
+    """ROC curves of every target with their AUROC in the legend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    for target, c in curves.items():
+        ax.plot(c["roc"]["fpr"], c["roc"]["tpr"],
+                label=f"{target} (AUROC {_fmt(metrics[target].get('auroc'))})")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,95 @@
+"""`chexops evaluate`: the final weights on the validation split -> metrics, DVC plots, a report,
+the evaluate MLflow run, and then the trial run that ties the whole `dvc repro` together."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chexops import atomic, evaluate, paths, tracking
+from chexops.config import Params
+from chexops.errors import ChexopsError
+
+STAGE = "evaluate"
+FINAL_ROUND = 5
+METRICS_FILE = paths.METRICS_DIR / "evaluate.json"
+PLOTS = paths.PLOTS_DIR / "evaluate"
+REPORT_DIR = Path("reports/evaluate")
+
+
+def _require(root: Path, rel: Path, fix: str) -> Path:
+    if not (root / rel).is_file():
+        raise ChexopsError(f"{rel} not found; {fix}")
+    return root / rel
+
+
+def predict(params: Params, root: Path, weights: Path, valid: pd.DataFrame) -> np.ndarray:
+    """Probabilities (N x targets); an empty split needs no model."""
+    if len(valid) == 0:
+        return np.zeros((0, len(params.targets)))
+    from chexops.inference import predict_frame
+
+    return np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root))
+
+
+def write_plots(root: Path, curves: dict) -> None:
+    for name, kind in (("roc.csv", "roc"), ("precision_recall.csv", "pr"),
+                       ("confusion.csv", "confusion")):
+        with atomic.atomic_path(root / PLOTS / name, ".csv") as tmp:
+            evaluate.stack_curves(curves, kind).to_csv(tmp, index=False)
+
+
+def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ...]) -> dict:
+    """reports/evaluate/{report.md, roc.png, confusion*.png}, swapped in whole; returns figures."""
+    figures = {"roc.png": evaluate.roc_figure(curves, metrics)}
+    for t in targets:
+        name = "confusion.png" if len(targets) == 1 else f"confusion-{evaluate.slug(t)}.png"
+        figures[name] = evaluate.confusion_figure(metrics[t].get("confusion"), t)
+    weights = paths.round_weights(FINAL_ROUND).as_posix()
+    with atomic.atomic_dir(root / REPORT_DIR) as tmp:
+        (tmp / "report.md").write_text(evaluate.markdown_report(metrics, targets, weights))
+        for name, fig in figures.items():
+            fig.savefig(tmp / name)
+    return figures
+
+
+def log_to_run(run: tracking.StageRun, root: Path, params: Params, metrics: dict,
+               figures: dict, n_valid: int) -> None:
+    run.log_params({"threshold": params.evaluate.threshold, "targets": list(params.targets),
+                    "weights": paths.round_weights(FINAL_ROUND).as_posix(), "n_valid": n_valid,
+                    "image_size": params.train.image_size, "arch": params.model.arch})
+    run.log_metrics(tracking.numeric_metrics(metrics))
+    run.log_dict({t: m.get("confusion") for t, m in metrics.items() if "confusion" in m},
+                 "confusion.json")
+    for name, fig in figures.items():
+        run.log_figure(fig, f"figures/{name}")
+    run.log_artifact(root / METRICS_FILE, "metrics")
+    run.log_artifact(root / PLOTS, "plots")
+    run.log_artifact(root / REPORT_DIR, "report")
+
+
+def main(params: Params, root: Path) -> None:
+    root = Path(root)
+    weights = _require(root, paths.round_weights(FINAL_ROUND), "run `dvc repro train-round-5` first")
+    valid = pd.read_parquet(_require(root, paths.RESAMPLED_VALID, "run `dvc repro resample` first"))
+    truth = pd.read_parquet(root / paths.TRUTH) if (root / paths.TRUTH).is_file() else None
+    with tracking.stage_run(params, root, STAGE) as run:
+        probs = predict(params, root, weights, valid)
+        metrics, curves = evaluate.evaluate_targets(valid, probs, params.targets,
+                                                    params.evaluate.threshold, truth)
+        atomic.write_json(root / METRICS_FILE, metrics)
+        write_plots(root, curves)
+        figures = write_report(root, metrics, curves, params.targets)
+        log_to_run(run, root, params, metrics, figures, len(valid))
+        _print_summary(metrics, params.targets)
+    tracking.close_trial(params, root, run.run_id, {STAGE: metrics})
+
+
+def _print_summary(metrics: dict[str, Any], targets: tuple[str, ...]) -> None:
+    for t in targets:
+        m = metrics[t]
+        auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.3f}"
+        print(f"evaluate {t}: AUROC {auroc} on {m.get('n', 0)} images"
+              + (f" ({m['note']})" if m.get("note") else ""))

@@ -1,0 +1,152 @@
+"""Evaluate: pure metric/curve/report functions, and the stage end to end on a tiny split with
+the model's predictions replaced by fixed probabilities (the model is tested elsewhere)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from chexops import evaluate
+from chexops.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+Y = np.array([0, 0, 0, 1, 1, 0, 1, 0])
+P = np.array([0.1, 0.4, 0.35, 0.8, 0.3, 0.6, 0.9, 0.2])
+
+
+def frame(labels, n_offset: int = 0) -> pd.DataFrame:
+    paths = [f"CheXpert-v1.0-small/valid/patient{i + n_offset:05d}/study1/view1_frontal.jpg"
+             for i in range(len(labels))]
+    return pd.DataFrame({"Path": paths, "Cardiomegaly": np.asarray(labels, dtype="int8"),
+                         "valid": True})
+
+
+def test_metrics_and_curves_match_sklearn():
+    metrics, curves = evaluate.evaluate_targets(frame(Y), P[:, None], ("Cardiomegaly",), 0.5)
+    m = metrics["Cardiomegaly"]
+    assert m["auroc"] == pytest.approx(roc_auc_score(Y, P))
+    assert m["confusion"] == [[4, 1], [1, 2]] and m["n"] == 8 and m["n_pos"] == 3
+    assert m["error_rate"] == pytest.approx(2 / 8) and "note" not in m
+    assert list(curves["Cardiomegaly"]["roc"].columns) == ["fpr", "tpr"]
+    assert list(curves["Cardiomegaly"]["pr"].columns) == ["recall", "precision"]
+    confusion = curves["Cardiomegaly"]["confusion"]
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 8
+    assert int(((confusion.actual == 1) & (confusion.predicted == 0)).sum()) == 1
+    assert json.dumps(metrics)  # plain Python values only
+
+
+def test_single_class_and_empty_splits_say_why_instead_of_crashing():
+    ones = np.ones(5, dtype=int)
+    metrics, curves = evaluate.evaluate_targets(frame(ones), np.full((5, 1), 0.7),
+                                                ("Cardiomegaly",), 0.5)
+    m = metrics["Cardiomegaly"]
+    assert m["auroc"] is None and "only positive cases" in m["note"]
+    assert curves["Cardiomegaly"]["roc"].empty
+    empty, _ = evaluate.evaluate_targets(frame([]), np.zeros((0, 1)), ("Cardiomegaly",), 0.5)
+    assert empty["Cardiomegaly"]["auroc"] is None and "empty" in empty["Cardiomegaly"]["note"]
+    assert "AUROC is undefined" in evaluate.markdown_report(metrics, ("Cardiomegaly",), "w")
+
+
+def test_ceiling_auroc_uses_the_latent_score():
+    df = frame(Y)
+    truth = pd.DataFrame({"Path": df.Path[::-1], "ctr": (0.45 + 0.1 * Y)[::-1]})
+    assert evaluate.ceiling_auroc(truth, df.Path, Y, "Cardiomegaly") == 1.0
+    assert evaluate.ceiling_auroc(truth.rename(columns={"ctr": "x"}), df.Path, Y,
+                                  "Cardiomegaly") is None
+    assert evaluate.ceiling_auroc(truth.iloc[1:], df.Path, Y, "Cardiomegaly") is None
+
+
+def test_multi_target_adds_target_column_and_mean():
+    df = frame(Y).assign(Edema=Y[::-1].astype("int8"))
+    probs = np.stack([P, P[::-1]], axis=1)
+    metrics, curves = evaluate.evaluate_targets(df, probs, ("Cardiomegaly", "Edema"), 0.5)
+    assert metrics["mean"]["auroc"] == pytest.approx(roc_auc_score(Y, P))
+    assert set(evaluate.stack_curves(curves, "roc").target) == {"Cardiomegaly", "Edema"}
+
+
+# ---------------------------------------------------------------- the stage
+
+@pytest.fixture()
+def stage_repo(tmp_path, monkeypatch):
+    """dvc.yaml, final weights, a valid split and a truth table; predictions are fixed."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "models/round-5").mkdir(parents=True)
+    (tmp_path / "models/round-5/best.safetensors").write_bytes(b"weights")
+    (tmp_path / "data/resampled").mkdir(parents=True)
+    frame(Y).to_parquet(tmp_path / "data/resampled/valid.parquet")
+    (tmp_path / "data/raw").mkdir()
+    truth = pd.DataFrame({"Path": frame(Y).Path, "ctr": 0.45 + 0.1 * Y})
+    truth.to_parquet(tmp_path / "data/raw/synthetic_truth.parquet")
+    calls = []
+
+    def predict_frame(params, weights_path, df, zip_path, root):
+        calls.append(Path(weights_path))
+        return P[: len(df), None]
+
+    monkeypatch.setitem(sys.modules, "chexops.inference",
+                        types.SimpleNamespace(predict_frame=predict_frame))
+    return tmp_path, calls
+
+
+def test_stage_writes_metrics_plots_report_and_closes_the_trial(stage_repo):
+    from mlflow.tracking import MlflowClient
+
+    from chexops.stages import evaluate as stage
+
+    root, calls = stage_repo
+    stage.main(load_params(REPO / "params.yaml"), root)
+    assert calls == [root / "models/round-5/best.safetensors"]
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert metrics["Cardiomegaly"]["auroc"] == pytest.approx(roc_auc_score(Y, P))
+    assert metrics["Cardiomegaly"]["ceiling_auroc"] == 1.0
+    assert list(pd.read_csv(root / "plots/evaluate/roc.csv").columns) == ["fpr", "tpr"]
+    assert len(pd.read_csv(root / "plots/evaluate/confusion.csv")) == len(Y)
+    assert pd.read_csv(root / "plots/evaluate/precision_recall.csv").shape[1] == 2
+    report = root / "reports/evaluate"
+    assert {"report.md", "roc.png", "confusion.png"} <= {p.name for p in report.iterdir()}
+    assert (report / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    run_id = json.loads((root / "runs/evaluate.json").read_text())["run_id"]
+    c = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run = c.get_run(run_id)
+    assert run.data.metrics["Cardiomegaly.auroc"] == pytest.approx(roc_auc_score(Y, P))
+    assert run.data.tags["data.md5.data/resampled/valid.parquet"]
+    artifacts = {a.path for a in c.list_artifacts(run_id)} | \
+        {a.path for a in c.list_artifacts(run_id, "report")}
+    assert {"confusion.json", "report/confusion.png", "report/report.md"} <= artifacts
+    trial_id = run.data.tags["mlflow.parentRunId"]
+    trial = c.get_run(trial_id)
+    assert trial.data.tags["chexops.trial"] == "true"
+    assert trial.data.metrics["evaluate.Cardiomegaly.auroc"] == pytest.approx(roc_auc_score(Y, P))
+
+
+def test_stage_on_a_single_class_split_reports_undefined_auroc(stage_repo):
+    from chexops.stages import evaluate as stage
+
+    root, _ = stage_repo
+    frame(np.zeros(4, dtype=int)).to_parquet(root / "data/resampled/valid.parquet")
+    stage.main(load_params(REPO / "params.yaml"), root)
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert metrics["Cardiomegaly"]["auroc"] is None
+    assert "only negative cases" in metrics["Cardiomegaly"]["note"]
+    assert metrics["Cardiomegaly"]["ceiling_auroc"] is None
+    assert (root / "reports/evaluate/report.md").read_text().count("AUROC is undefined") == 1
+
+
+def test_stage_without_final_weights_names_the_fix(stage_repo):
+    from chexops.errors import ChexopsError
+    from chexops.stages import evaluate as stage
+
+    root, _ = stage_repo
+    (root / "models/round-5/best.safetensors").unlink()
+    with pytest.raises(ChexopsError, match="round-5/best.safetensors not found; run"):
+        stage.main(load_params(REPO / "params.yaml"), root)
+    assert not (root / "metrics").exists() and not (root / "runs").exists()
