@@ -36,7 +36,7 @@ class RuntimeConfig:
     threads: int = 2              # torch intra-op threads; 0 keeps torch's default
     workers: int = 0              # DataLoader worker processes
     deterministic: bool = False   # torch.use_deterministic_algorithms
-    amp: str = "auto"             # auto | off | bf16 | fp16 (auto: bf16 on CUDA, off on CPU)
+    amp: str = "auto"             # auto | off | bf16 (auto: bf16 on CUDA where supported, off on CPU)
     channels_last: str = "auto"   # auto | on | off (auto: on for CUDA)
     compile: bool = False         # torch.compile; slow to compile on CPU, off by default
     distributed: str = "off"      # off | torchrun
@@ -300,6 +300,8 @@ def _validate(p: Params) -> None:
     need(p.train.image_size >= 32, "train.image_size: must be at least 32 pixels")
     need(p.runtime.threads >= 0 and p.runtime.workers >= 0,
          "runtime.threads and runtime.workers: must be >= 0")
+    need(p.runtime.amp in ("auto", "off", "bf16"),
+         f"runtime.amp: {p.runtime.amp!r} must be auto, off or bf16 (fp16 needs loss scaling, not supported)")
     need(p.runtime.distributed in ("off", "torchrun"),
          f"runtime.distributed: {p.runtime.distributed!r} must be off or torchrun")
     expected = {f"r{k}" for k in range(1, N_ROUNDS + 1)}

@@ -1,0 +1,141 @@
+"""Training-loop benchmark (issue 4): our train_one_epoch against a bare timm
+forward/backward/step loop on the same model, batches and data, side by side in one run;
+CPU images/s for the default (64 px) and reduced (32 px) profiles; on CUDA, DenseNet121 at
+320 px with bf16 autocast and channels_last.
+
+    python benchmarks/train_bench.py [--batches 6] [--threads 2] [--out benchmarks/results/train_bench.json]
+
+Writes JSON with the machine it ran on. Short by default (about a minute on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chexops.batches import ArraySet, make_loader, to_input
+from chexops.config import ModelConfig, RuntimeConfig, TrainConfig
+from chexops.model import build_model
+from chexops.schedule import OneCycle
+from chexops.train import EpochState, make_optimizer, resolve_settings, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "densenet121"
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def data(n: int, size: int) -> ArraySet:
+    rng = np.random.default_rng(0)
+    return ArraySet.from_labels(rng.integers(0, 255, (n, size, size), dtype=np.uint8),
+                                (np.arange(n) % 2).astype(np.float32))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_epoch(model, loader, optimizer, device, amp, channels_last) -> None:
+    """What a user would write with timm and nothing else (same input conversion)."""
+    model.train()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for images, labels, _ in loader:
+        x = to_input(images, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = loss_fn(out.float(), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def compare(size: int, batch: int, n_batches: int, device: torch.device, repeats: int) -> dict:
+    """Alternate bare and ours `repeats` times after a warm-up; median seconds per epoch each."""
+    runtime = RuntimeConfig(device=device.type)
+    s = resolve_settings(runtime, TrainConfig(image_size=size, batch_size=batch), device)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=ARCH), 1).to(device)
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = make_loader(data(batch * n_batches, size), batch, True,
+                         torch.Generator().manual_seed(0), 0, device.type == "cuda")
+    optimizer, peaks = make_optimizer(model, 1e-4, 1e-2, (0.95, 0.85))
+    schedule = OneCycle(optimizer, peaks, 10 ** 6)
+    state = EpochState(0, batch)
+    amp = s.amp_dtype is not None
+
+    def bare():
+        bare_epoch(model, loader, optimizer, device, amp, s.channels_last)
+
+    def ours():
+        train_one_epoch(model, loader, optimizer, schedule, state, s, 1)
+
+    bare(), ours()  # warm-up (allocator, oneDNN/cuDNN kernel choice)
+    times = {"bare": [], "ours": []}
+    for _ in range(repeats):
+        times["bare"].append(timed(bare, device))
+        times["ours"].append(timed(ours, device))
+    bare_s, ours_s = statistics.median(times["bare"]), statistics.median(times["ours"])
+    n = batch * n_batches
+    return {"arch": ARCH, "image_size": size, "batch": batch, "batches": n_batches,
+            "device": str(device), "precision": "bf16-autocast" if amp else "fp32",
+            "channels_last": s.channels_last, "repeats": repeats,
+            "bare_images_per_s": n / bare_s, "ours_images_per_s": n / ours_s,
+            "overhead_ratio": ours_s / bare_s, "bare_s": times["bare"], "ours_s": times["ours"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=6, help="batches per timed epoch (CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu-batch", type=int, default=128)
+    parser.add_argument("--gpu-batches", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_bench.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    results = {"machine": machine(), "goal": "overhead_ratio <= 1.05; GPU >= 1500 images/s",
+               "cpu_default_64px": compare(64, 16, args.batches, cpu, args.repeats),
+               "cpu_reduced_32px": compare(32, 16, args.batches, cpu, args.repeats)}
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        results["cuda_320px"] = compare(320, args.gpu_batch, args.gpu_batches,
+                                        torch.device("cuda"), args.repeats)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for key, r in results.items():
+        if key != "machine" and isinstance(r, dict):
+            print(f"{key}: bare {r['bare_images_per_s']:.1f} img/s, ours "
+                  f"{r['ours_images_per_s']:.1f} img/s, ratio {r['overhead_ratio']:.3f}",
+                  file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Probabilities for the rows of a label table from a weights file (used by evaluate, later predict)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from chexops import paths
+from chexops.config import Params
+
+
+def device_and_threads(params: Params) -> torch.device:
+    from chexops.repro import configure_torch, resolve_device
+
+    configure_torch(params.runtime)
+    return resolve_device(params.runtime)
+
+
+def load_images(params: Params, df: pd.DataFrame, zip_path: str | Path, root: str | Path) -> np.ndarray:
+    """The frame's images, decoded once into the shared cache (root/data/cache)."""
+    from chexops.data.images import load_image_array
+
+    return load_image_array(zip_path, df["Path"].astype(str).tolist(), params.train.image_size,
+                            Path(root) / paths.CACHE_DIR, params.runtime.workers)
+
+
+def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
+                  zip_path: str | Path, root: str | Path) -> np.ndarray:
+    """(N, n_targets) sigmoid probabilities, in the frame's row order."""
+    from chexops.batches import ArraySet, make_loader
+    from chexops.model import build_model, load_weights
+    from chexops.train import CPU_AUTO_BATCH, predict_probs, resolve_settings
+
+    n_targets = len(params.targets)
+    if len(df) == 0:
+        return np.zeros((0, n_targets))
+    device = device_and_threads(params)
+    model_cfg = params.model
+    if model_cfg.pretrained is not False:  # the weights file replaces them anyway
+        import dataclasses
+        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
+    model = build_model(model_cfg, n_targets)
+    load_weights(model, weights_path)
+    model.to(device)
+    images = load_images(params, df, zip_path, root)
+    data = ArraySet.from_labels(images, np.zeros((len(df), n_targets), dtype=np.float32))
+    bs = params.train.batch_size if isinstance(params.train.batch_size, int) else CPU_AUTO_BATCH
+    loader = make_loader(data, bs, False, None, params.runtime.workers, device.type == "cuda")
+    settings = resolve_settings(params.runtime, params.train, device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return predict_probs(model, loader, device, settings)

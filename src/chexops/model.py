@@ -1,0 +1,247 @@
+"""The network: a timm body with a fastai-style head (or timm's own classifier), its three layer
+groups for discriminative learning rates, freezing, and safetensors weights.
+
+The model is always `ChexNet(body, head)`, so layer groups, freezing and weight files have one
+shape whichever architecture or head is chosen: weight keys are `body.*` and `head.*`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chexops import atomic
+from chexops.config import ModelConfig
+from chexops.errors import ChexopsError
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+              nn.LayerNorm, nn.GroupNorm)
+HUB_HOST = ("huggingface.co", 443)
+HUB_TIMEOUT_S = 3.0
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """fastai's pooling: average and max pooled features side by side (2 x channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.max = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.max(x), self.avg(x)], dim=1)
+
+
+class ChexNet(nn.Module):
+    """body (timm features, no pooling) -> head (pooling + classifier) -> one logit per target."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, arch: str) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def fastai_head(n_features: int, n_outputs: int, cfg: ModelConfig) -> nn.Sequential:
+    """fastai's create_head: concat pool, BN, dropout ps/2, linear, ReLU, BN, dropout ps, linear."""
+    layers: list[nn.Module] = [
+        AdaptiveConcatPool2d(), nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features), nn.Dropout(cfg.ps / 2),
+        nn.Linear(2 * n_features, cfg.hidden), nn.ReLU(inplace=True),
+        nn.BatchNorm1d(cfg.hidden), nn.Dropout(cfg.ps),
+        nn.Linear(cfg.hidden, n_outputs),
+    ]
+    if cfg.bn_final:
+        layers.append(nn.BatchNorm1d(n_outputs, momentum=0.01))
+    return nn.Sequential(*layers)
+
+
+def timm_head(n_features: int, n_outputs: int) -> nn.Sequential:
+    """timm's plain classifier: global average pool + linear."""
+    from timm.layers import create_classifier
+
+    pool, fc = create_classifier(n_features, n_outputs, pool_type="avg")
+    return nn.Sequential(pool, fc)
+
+
+def _check_arch(arch: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        raise ChexopsError(f"model.arch: unknown timm architecture {arch!r}; list the known ones "
+                           f"with `python -c \"import timm; print(timm.list_models('dense*'))\"`")
+
+
+def _hub_reachable() -> bool:
+    """A 3 s TCP probe, so an offline machine fails at once instead of retrying for a minute."""
+    try:
+        with socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _create_pretrained(arch: str) -> nn.Module:
+    """timm's pretrained body from the local Hugging Face cache or, with network, the hub."""
+    import timm
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and not _hub_reachable():
+        offline = True
+    if offline:  # the cache may still hold the weights; never wait on the network
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as hub_constants
+            hub_constants.HF_HUB_OFFLINE = True
+        except ImportError:  # pragma: no cover
+            pass
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=0, global_pool="")
+    except Exception as exc:  # timm/hf raise many kinds; all mean "no weights"
+        where = "offline and not in the local Hugging Face cache" if offline else "download failed"
+        raise ChexopsError(
+            f"model.pretrained: true but timm's pretrained weights for {arch!r} are unavailable "
+            f"({where}: {exc.__class__.__name__}); connect to the internet once, or set "
+            f"model.pretrained to a local .safetensors/.pth file, or to false") from None
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ChexopsError(f"model.pretrained: {path} holds no state dict; save one with "
+                           f"torch.save(model.state_dict(), path) or use safetensors")
+    return state
+
+
+def load_body_weights(body: nn.Module, path: str | Path) -> None:
+    """Load a timm state dict (`body.` prefix optional, classifier keys ignored) into the body."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChexopsError(f"model.pretrained: weights file {path} not found; "
+                           f"give an existing .safetensors/.pth path, true or false")
+    state = _read_weight_file(path)
+    state = {k.removeprefix("body."): v for k, v in state.items()}
+    own = body.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ChexopsError(f"model.pretrained: {path} lacks {len(missing)} body weights "
+                           f"(first: {missing[0]}); use weights of the same architecture")
+    bad = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ChexopsError(f"model.pretrained: {path} has weight {bad[0]} of shape "
+                           f"{tuple(state[bad[0]].shape)}, the model expects "
+                           f"{tuple(own[bad[0]].shape)}; use weights of the same architecture")
+    body.load_state_dict({k: state[k] for k in own})
+
+
+def build_body(cfg: ModelConfig) -> nn.Module:
+    import timm
+
+    _check_arch(cfg.arch)
+    if cfg.pretrained is True:
+        return _create_pretrained(cfg.arch)
+    body = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="")
+    if isinstance(cfg.pretrained, str):
+        load_body_weights(body, cfg.pretrained)
+    return body
+
+
+def build_model(model_cfg: ModelConfig, n_outputs: int) -> ChexNet:
+    """timm body + fastai-style head (or timm's classifier), one logit per target."""
+    if n_outputs < 1:
+        raise ChexopsError(f"model: needs at least one output, got {n_outputs}; set targets")
+    body = build_body(model_cfg)
+    n_features = body.num_features
+    head = (fastai_head(n_features, n_outputs, model_cfg) if model_cfg.head == "fastai"
+            else timm_head(n_features, n_outputs))
+    return ChexNet(body, head, model_cfg.arch)
+
+
+# ---------------------------------------------------------------- layer groups and freezing
+
+def _split_prefix(body: nn.Module) -> str | None:
+    """Name of the first module of the second body group: the feature stage after the middle one
+    (densenet121: denseblock3, so transition2 stays in group 1; resnet: layer3)."""
+    info = getattr(body, "feature_info", None)
+    modules = [f["module"] for f in info] if info is not None else []
+    if len(modules) < 3:
+        return None
+    return modules[len(modules) // 2 + 1]
+
+
+def _body_groups(body: nn.Module) -> list[list[nn.Parameter]]:
+    named = list(body.named_parameters())
+    prefix = _split_prefix(body)
+    cut = next((i for i, (n, _) in enumerate(named)
+                if prefix and (n == prefix or n.startswith(prefix + "."))), None)
+    if cut is None or cut == 0:  # generic fallback: halve the parameters in order
+        cut = len(named) // 2
+    return [[p for _, p in named[:cut]], [p for _, p in named[cut:]]]
+
+
+def layer_groups(model: ChexNet) -> list[list[nn.Parameter]]:
+    """[early body, late body, head]: every parameter exactly once (fastai's three groups)."""
+    return [*_body_groups(model.body), list(model.head.parameters())]
+
+
+def freeze_body(model: ChexNet, frozen: bool) -> None:
+    """Freeze the body (not the head); normalisation layers stay trainable, as in fastai."""
+    for module in model.body.modules():
+        keep = isinstance(module, NORM_TYPES)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(keep or not frozen)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+# ---------------------------------------------------------------- weights
+
+def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (BN running stats), detached on the CPU, independent copies."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module | dict, path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write of a model (or an already copied state dict)."""
+    state = model if isinstance(model, dict) else state_to_save(model)
+    atomic.save_safetensors(path, state, {str(k): str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a chexops safetensors file into `model` (strict); returns the file's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChexopsError(f"weights file {path} not found; train the round that writes it first")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise ChexopsError(f"{path} does not match the model ({which}); "
+                           f"use weights made with the same model params (arch, head, targets)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # shape mismatch
+        raise ChexopsError(f"{path} does not match the model ({str(exc).splitlines()[-1].strip()}); "
+                           f"use weights made with the same model params") from None
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})

@@ -1,0 +1,254 @@
+"""`chexops train-round K`: training round K of five.
+
+Reads data/resampled/{train,valid}.parquet (or, for a round with `resample:`, a fresh seeded draw
+from data/clean/labels.parquet), starts from round K-1's best weights, trains, and writes
+models/round-K/best.safetensors + meta.json, metrics/round-K.json, plots/round-K/history.csv.
+An interrupted round resumes from checkpoints/round-K/last.pt and continues its MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chexops import atomic, paths
+from chexops.config import N_ROUNDS, Params, ResampleDraw, to_dict
+from chexops.errors import ChexopsError
+
+UNSUPPORTED_POLICIES = ("multiclass", "selftrained")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("k", type=int, help=f"round number, 1 to {N_ROUNDS}")
+
+
+def run(args: argparse.Namespace, params: Params, root: Path) -> None:
+    main(params, root, args.k)
+
+
+def stage_name(k: int) -> str:
+    return f"train-round-{k}"
+
+
+# ---------------------------------------------------------------- inputs
+
+def _require(root: Path, rel: Path, fix: str) -> Path:
+    if not (root / rel).is_file():
+        raise ChexopsError(f"{rel.as_posix()} not found; {fix}")
+    return root / rel
+
+
+def previous_weights(root: Path, k: int) -> Path | None:
+    """Round k-1's best weights (round 1 starts from the model's initial weights)."""
+    if k == 1:
+        return None
+    rel = paths.round_weights(k - 1)
+    return _require(root, rel, f"run `dvc repro {stage_name(k - 1)}` first")
+
+
+def fresh_draw(params: Params, root: Path, draw: ResampleDraw) -> pd.DataFrame:
+    """The seed study's new sample for a round: resample the clean training rows with the
+    round's own seed, then keep draw.size rows (all when 0)."""
+    from chexops.data.resample import resample_frame
+
+    labels = pd.read_parquet(_require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first"))
+    train = labels[~labels["valid"].astype(bool)]
+    out = resample_frame(train, target=params.targets[0], strategy=params.resample.strategy,
+                         fraction=1.0, seed=draw.seed)
+    if 0 < draw.size < len(out):
+        out = out.sample(n=draw.size, random_state=draw.seed)
+    return out.reset_index(drop=True)
+
+
+def load_frames(params: Params, root: Path, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    fix = "run `dvc repro resample` first"
+    valid = pd.read_parquet(_require(root, paths.RESAMPLED_VALID, fix))
+    draw = params.round(k).resample
+    train = (fresh_draw(params, root, draw) if draw is not None
+             else pd.read_parquet(_require(root, paths.RESAMPLED_TRAIN, fix)))
+    return train, valid
+
+
+def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
+    """(N, T) float labels of the targets; -1 (U-Ignore) is masked by training."""
+    for t in params.targets:
+        policy = params.uncertainty_policy(t)
+        if policy in UNSUPPORTED_POLICIES:
+            raise ChexopsError(f"clean.uncertainty.{t}: policy {policy!r} is not yet supported by "
+                               f"training; use ignore, zeros or ones")
+        if t not in df.columns:
+            raise ChexopsError(f"target {t!r} is not a column of the label table; "
+                               f"run `dvc repro clean` with targets including it")
+    return df[list(params.targets)].to_numpy(dtype=np.float32)
+
+
+def array_set(params: Params, root: Path, df: pd.DataFrame):
+    """Decode each distinct image once (cached); repeated rows (oversampling) share it."""
+    from chexops.batches import ArraySet
+    from chexops.inference import load_images
+
+    uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
+    images = load_images(params, pd.DataFrame({"Path": uniq}), root / paths.RAW_ZIP, root)
+    return ArraySet.from_labels(images, label_matrix(params, df), index.astype(np.int64))
+
+
+# ---------------------------------------------------------------- provenance
+
+def input_files(root: Path, k: int, fresh: bool) -> list[Path]:
+    files = [paths.RAW_ZIP, paths.RESAMPLED_VALID,
+             paths.CLEAN_LABELS if fresh else paths.RESAMPLED_TRAIN]
+    if k > 1:
+        files.append(paths.round_weights(k - 1))
+    return files
+
+
+def input_md5s(root: Path, k: int, fresh: bool) -> dict[str, str]:
+    """md5 of each input as DVC records it (dvc.lock), else computed from the files."""
+    from chexops.repro import dvc_input_md5s, file_md5
+
+    try:
+        found = dvc_input_md5s(root, stage_name(k))
+    except ChexopsError:  # no dvc.yaml (a bare checkout or a test): hash the files
+        found = {}
+    if found:
+        return found
+    return {f.as_posix(): file_md5(root / f) for f in input_files(root, k, fresh)
+            if (root / f).is_file()}
+
+
+def round_params(params: Params, k: int) -> dict[str, Any]:
+    """Everything that shapes round k's result (the checkpoint fingerprint and meta.json)."""
+    return {"round": k, "seed": params.seed, "targets": list(params.targets),
+            "uncertainty": {t: params.uncertainty_policy(t) for t in params.targets},
+            "resample": to_dict(params.resample), "rounds": to_dict(params.round(k)),
+            "model": to_dict(params.model),
+            "train": to_dict(params.train)}
+
+
+def mlflow_params(params: Params, k: int, n_train: int, n_valid: int) -> dict[str, Any]:
+    r = params.round(k)
+    out: dict[str, Any] = {"round": k, "epochs": r.epochs, "freeze": r.freeze,
+                           "batch_size": params.train.batch_size,
+                           "image_size": params.train.image_size, "seed": params.seed,
+                           "arch": params.model.arch, "head": params.model.head,
+                           "n_train": n_train, "n_valid": n_valid}
+    if isinstance(r.lr, tuple):
+        out.update(lr=str(list(r.lr)), lr_lo=r.lr[0], lr_hi=r.lr[1])
+    else:
+        out["lr"] = r.lr
+    if r.resample is not None:
+        out.update(resample_seed=r.resample.seed, resample_size=r.resample.size)
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_outputs(root: Path, k: int, result, meta: dict[str, Any]) -> None:
+    atomic.write_json(root / paths.round_meta(k), meta)
+    atomic.write_json(root / paths.round_metrics(k), round_metrics(result))
+    with atomic.atomic_path(root / history_path(k), ".csv") as tmp:
+        pd.DataFrame(result.history).to_csv(tmp, index=False)
+
+
+def history_path(k: int) -> Path:
+    return paths.PLOTS_DIR / f"round-{k}" / "history.csv"
+
+
+def round_metrics(result) -> dict[str, Any]:
+    """The best epoch's row; per-target details (confusion, specificity, ...) flat for one target."""
+    best = dict(result.best_metrics)
+    per = best.pop("targets")
+    if len(per) == 1:
+        best.update(next(iter(per.values())))
+    else:
+        best["targets"] = per
+    return {**best, "best_epoch": result.best_epoch, "batch_size": result.batch_size,
+            "micro_batch": result.micro_batch}
+
+
+def log_best(stage_run, root: Path, k: int, result) -> None:
+    """The best epoch's confusion matrix (JSON and figure) and weights, on the MLflow run."""
+    from chexops.evaluate import confusion_figure
+
+    per = result.best_metrics["targets"]
+    stage_run.log_dict({t: m["confusion"] for t, m in per.items()}, "confusion.json")
+    for t, m in per.items():
+        name = "confusion.png" if len(per) == 1 else f"confusion-{t.replace(' ', '_')}.png"
+        stage_run.log_figure(confusion_figure(m["confusion"], t), name)
+    stage_run.log_artifact(root / paths.round_weights(k), "model")
+    stage_run.log_artifact(root / paths.round_meta(k), "model")
+
+
+# ---------------------------------------------------------------- main
+
+def plan_for(params: Params, k: int):
+    from chexops.train import RoundPlan
+
+    r = params.round(k)
+    if r.lr == "auto":
+        raise ChexopsError(f"rounds.r{k}.lr: auto (the LR finder) is not yet supported; "
+                           f"give a number or [lo, hi]")
+    if params.train.augment.preset != "none":
+        raise ChexopsError(f"train.augment.preset: {params.train.augment.preset!r} is not yet "
+                           f"supported by training; set none")
+    return RoundPlan(r.epochs, r.lr, r.freeze, params.seed, tuple(params.targets),
+                     params.train, params.runtime)
+
+
+def build_start_model(params: Params, prev: Path | None):
+    from chexops.model import build_model, load_weights
+
+    model_cfg = params.model
+    if prev is not None and model_cfg.pretrained is not False:  # round k-1 replaces them
+        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
+    model = build_model(model_cfg, len(params.targets))
+    if prev is not None:
+        load_weights(model, prev)
+    return model
+
+
+def main(params: Params, root: Path, k: int) -> None:
+    from chexops import checkpoint, tracking
+    from chexops.repro import configure_torch, resolve_device, seed_everything
+    from chexops.train import train_round
+
+    root = Path(root)
+    if not 1 <= k <= N_ROUNDS:
+        raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
+    plan = plan_for(params, k)
+    prev = previous_weights(root, k)
+    fresh = params.round(k).resample is not None
+    train_df, valid_df = load_frames(params, root, k)
+    md5s = input_md5s(root, k, fresh)
+    fingerprint = checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s})
+    ckpt_path = checkpoint.checkpoint_path(root, k)
+    saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)
+    configure_torch(params.runtime)
+    device = resolve_device(params.runtime)
+    seed_everything(params.seed)  # the initial head weights come from the seed
+    model = build_start_model(params, prev)  # before MLflow: a bad arch or weights fail fast
+    resume_run_id = saved["run_id"] if saved else None
+    del saved  # train_round reloads it; don't hold two copies of the weights
+    with tracking.stage_run(params, root, stage_name(k), resume_run_id=resume_run_id) as stage_run:
+        stage_run.log_params(mlflow_params(params, k, len(train_df), len(valid_df)))
+        train, valid = array_set(params, root, train_df), array_set(params, root, valid_df)
+        meta = {"round": k, "seed": params.seed, "params": round_params(params, k),
+                "inputs": md5s, "run_id": stage_run.run_id, "fingerprint": fingerprint}
+        result = train_round(
+            model, train, valid, plan, root / paths.round_weights(k), device, ckpt_path,
+            fingerprint, stage_run.run_id,
+            on_epoch_end=lambda row: stage_run.log_metrics(
+                {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
+            weights_metadata={"round": str(k), "arch": params.model.arch,
+                              "targets": ",".join(params.targets), "seed": str(params.seed)})
+        meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
+                    micro_batch=result.micro_batch)
+        write_outputs(root, k, result, meta)
+        log_best(stage_run, root, k, result)
+        print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "
+              f"{result.best_metrics['auroc']:.4f}", file=sys.stderr)

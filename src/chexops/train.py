@@ -1,0 +1,433 @@
+"""One training round: AdamW + one-cycle over discriminative layer groups, masked BCE, the best
+epoch by validation AUROC written atomically, per-epoch checkpoints to resume from, and an
+out-of-memory fallback that halves the micro-batch and accumulates gradients.
+
+Loop pieces follow torchvision's reference split: `train_one_epoch`, `predict_probs`, and
+`train_round` tying them together. Everything here is a function of its arguments; files are
+written only to the paths passed in.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from chexops import checkpoint as ckpt
+from chexops.batches import ArraySet, make_loader, to_input
+from chexops.config import RuntimeConfig, TrainConfig
+from chexops.errors import ChexopsError
+from chexops.metrics import multi_target_metrics
+from chexops.model import ChexNet, freeze_body, layer_groups, save_weights, state_to_save
+from chexops.schedule import OneCycle, discriminative_lrs
+
+CPU_AUTO_BATCH = 16       # batch_size: auto on CPU: memory is not the limit there; the seed's 16
+AUTO_BATCH_START = 1024   # largest batch tried on CUDA
+MIN_MICRO_BATCH = 2       # BatchNorm needs two items per forward
+CUDA_SYNC_EVERY = 25      # check the loss for NaN every N batches on CUDA (each check syncs)
+HISTORY_KEYS = ("epoch", "train_loss", "valid_loss", "auroc", "precision", "recall",
+                "error_rate", "lr")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round needs from params.yaml (see `stages.train_round.plan_for`)."""
+    epochs: int
+    lr: float | tuple[float, ...]
+    freeze: bool
+    seed: int
+    targets: tuple[str, ...]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run on this device (resolved from runtime): none of it changes results on CPU."""
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    pos_weight: float | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def sync_every(self) -> int:
+        return CUDA_SYNC_EVERY if self.device.type == "cuda" else 1
+
+
+@dataclass
+class RoundResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metrics: dict[str, Any]     # multi_target_metrics of the best epoch + losses
+    batch_size: int
+    micro_batch: int
+    resumed_from: int | None = None  # last completed epoch of the checkpoint resumed
+
+
+def resolve_settings(runtime: RuntimeConfig, train: TrainConfig,
+                     device: torch.device) -> Settings:
+    """AMP (bf16 where supported) and channels_last only on CUDA; CPU runs stay fp32."""
+    cuda = device.type == "cuda"
+    if runtime.amp == "fp16":
+        raise ChexopsError("runtime.amp: fp16 is not supported by training (it needs loss "
+                           "scaling); use auto, bf16 or off")
+    amp = None
+    if cuda and runtime.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        amp = torch.bfloat16
+    return Settings(device, amp, cuda and runtime.channels_last in ("auto", "on"), train.pos_weight)
+
+
+# ---------------------------------------------------------------- loss and one step
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+               pos_weight: float | None, denom: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits summed over unmasked labels / denom (default: their count)."""
+    pw = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), labels, reduction="none", pos_weight=pw)
+    maskf = mask.to(loss.dtype)
+    if denom is None:
+        denom = maskf.sum().clamp(min=1.0)
+    return (loss * maskf).sum() / denom
+
+
+def accumulate_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor, micro: int, s: Settings) -> torch.Tensor:
+    """Forward/backward the batch in near-equal chunks of <= micro items; the gradient equals
+    the whole batch's (each chunk's loss is divided by the whole batch's label count)."""
+    labels, mask = labels.to(s.device, non_blocking=True), mask.to(s.device, non_blocking=True)
+    denom = mask.float().sum().clamp(min=1.0)
+    n_chunks = -(-len(images) // micro)
+    total = torch.zeros((), device=s.device)
+    for idx in torch.arange(len(images)).tensor_split(n_chunks):
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+        with s.autocast():
+            logits = model(to_input(images[sl], s.device, s.channels_last))
+        loss = masked_bce(logits, labels[sl], mask[sl], s.pos_weight, denom)
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, micro: int,
+               s: Settings) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a batch; on out-of-memory halve the micro-batch and retry the same
+    batch with gradient accumulation, so the effective batch is unchanged. Returns (loss, micro)."""
+    images, labels, mask = batch
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = accumulate_grads(model, images, labels, mask, micro, s)
+            break
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if micro <= MIN_MICRO_BATCH:
+                raise ChexopsError(f"out of memory even at micro-batch {micro}; lower "
+                                   f"train.image_size or use a smaller model.arch") from None
+            micro = max(MIN_MICRO_BATCH, micro // 2)
+            print(f"chexops: out of memory; continuing with micro-batch {micro} and gradient "
+                  f"accumulation (effective batch {len(images)})", file=sys.stderr)
+    optimizer.step()
+    return loss, micro
+
+
+# ---------------------------------------------------------------- epochs
+
+@dataclass
+class EpochState:
+    """What train_one_epoch advances: the global optimizer step and the micro-batch."""
+    step: int = 0
+    micro: int = 16
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> list[float]:
+    values = torch.stack([v for _, v in pending]).float().cpu().tolist()
+    for (batch, _), v in zip(pending, values):
+        if not np.isfinite(v):
+            raise ChexopsError(f"non-finite training loss ({v}) at epoch {epoch}, batch {batch}; "
+                               f"lower the round's lr or check the data (the best weights so far "
+                               f"are kept)")
+    return values
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    schedule: OneCycle, state: EpochState, s: Settings, epoch: int,
+                    max_batches: int = 0) -> float:
+    """Train over one epoch (at most max_batches when > 0); returns the mean training loss."""
+    model.train()
+    losses: list[float] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+    for batch_idx, batch in enumerate(loader):
+        if max_batches and batch_idx >= max_batches:
+            break
+        schedule.apply(state.step)
+        loss, state.micro = train_step(model, batch, optimizer, state.micro, s)
+        state.step += 1
+        pending.append((batch_idx, loss))
+        if len(pending) >= s.sync_every:
+            losses += _check_finite(pending, epoch)
+            pending = []
+    if pending:
+        losses += _check_finite(pending, epoch)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader, s: Settings) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """(logits, labels, mask) over the whole loader, model in eval mode."""
+    model.eval()
+    outs, labels, masks = [], [], []
+    for images, y, m in loader:
+        with s.autocast():
+            outs.append(model(to_input(images, s.device, s.channels_last)).float().cpu())
+        labels.append(y)
+        masks.append(m)
+    if not outs:
+        return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0, 0), dtype=bool)
+    return (torch.cat(outs).numpy(), torch.cat(labels).numpy(), torch.cat(masks).numpy())
+
+
+def predict_probs(model: nn.Module, loader, device: torch.device | str,
+                  settings: Settings | None = None) -> np.ndarray:
+    """Sigmoid probabilities (N, n_targets) for every item of the loader, in order."""
+    s = settings or Settings(torch.device(device))
+    logits, _, _ = predict_logits(model, loader, s)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...]) -> dict[str, Any]:
+    """Validation loss and per-target metrics at 0.5 (macro means for several targets)."""
+    logits, labels, mask = predict_logits(model, loader, s)
+    loss = masked_bce(torch.from_numpy(logits), torch.from_numpy(labels),
+                      torch.from_numpy(mask), s.pos_weight)
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    report = multi_target_metrics(labels, probs, targets, mask)
+    per = list(report["targets"].values())
+    mean = {k: float(np.mean([m[k] for m in per])) for k in ("precision", "recall", "error_rate")}
+    return {"valid_loss": float(loss), "auroc": report["mean_auroc"], **mean,
+            "targets": report["targets"]}
+
+
+def check_valid_split(valid: ArraySet, targets: tuple[str, ...]) -> None:
+    """AUROC (the selection metric) needs both classes of every target in the validation split."""
+    if len(valid) == 0:
+        raise ChexopsError("the validation split is empty: AUROC is undefined; "
+                           "check the clean stage's filters (views, sex, age)")
+    for j, t in enumerate(targets):
+        y = valid.labels[valid.mask[:, j], j]
+        if len(np.unique(y)) < 2:
+            kind = "no labelled" if len(y) == 0 else ("only positive" if y[0] == 1 else
+                                                        "only negative")
+            raise ChexopsError(f"the validation split has {kind} {t} cases: AUROC is undefined, "
+                               f"so no epoch can be chosen; use a validation split with both "
+                               f"classes")
+
+
+# ---------------------------------------------------------------- batch size
+
+def _fits(model: nn.Module, batch: int, size: int, n_out: int, s: Settings) -> bool:
+    try:
+        images = torch.zeros(batch, size, size, dtype=torch.uint8)
+        labels = torch.zeros(batch, n_out)
+        accumulate_grads(model, images, labels, labels.bool(), batch, s)
+        return True
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def auto_batch_size(model: nn.Module, image_size: int, n_out: int, s: Settings,
+                    n_items: int) -> int:
+    """Largest power-of-two batch whose forward/backward fits on the GPU (on a copy of the model,
+    so BatchNorm statistics are untouched); CPU_AUTO_BATCH on the CPU."""
+    if s.device.type != "cuda":
+        return min(CPU_AUTO_BATCH, max(MIN_MICRO_BATCH, n_items))
+    probe = copy.deepcopy(model).train()
+    batch = AUTO_BATCH_START
+    while batch > MIN_MICRO_BATCH and (batch > n_items or not _fits(probe, batch, image_size,
+                                                                      n_out, s)):
+        batch //= 2
+    del probe
+    torch.cuda.empty_cache()
+    return batch
+
+
+# ---------------------------------------------------------------- the round
+
+def make_optimizer(model: ChexNet, lr: float | tuple[float, ...], wd: float,
+                   moms: tuple[float, float]) -> tuple[torch.optim.AdamW, list[float]]:
+    """AdamW with one param group per layer group (true weight decay, as fastai's AdamW)."""
+    groups = layer_groups(model)
+    peaks = discriminative_lrs(lr, len(groups))
+    optimizer = torch.optim.AdamW([{"params": g, "lr": p} for g, p in zip(groups, peaks)],
+                                  lr=peaks[-1], betas=(moms[0], 0.99), eps=1e-5, weight_decay=wd)
+    return optimizer, peaks
+
+
+def _history_row(epoch: int, train_loss: float, val: dict[str, Any], lr: float) -> dict[str, Any]:
+    return {"epoch": epoch, "train_loss": train_loss, "valid_loss": val["valid_loss"],
+            "auroc": val["auroc"], "precision": val["precision"], "recall": val["recall"],
+            "error_rate": val["error_rate"], "lr": lr}
+
+
+def _improves(auroc: float | None, best: float | None) -> bool:
+    """Strictly better (the first of equal epochs is kept, as fastai's SaveModelCallback)."""
+    return auroc is not None and np.isfinite(auroc) and (best is None or auroc > best)
+
+
+@dataclass
+class _Loop:
+    """The live objects of a round, so resume and checkpointing touch one place."""
+    model: ChexNet
+    optimizer: torch.optim.AdamW
+    schedule: OneCycle
+    generator: torch.Generator
+    state: EpochState
+    batch_size: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def checkpoint(self, epoch: int, fp: str, run_id: str | None) -> dict[str, Any]:
+        return {"fingerprint": fp, "epoch": epoch, "run_id": run_id,
+                "model": state_to_save(self.model), "optimizer": self.optimizer.state_dict(),
+                "step": self.state.step, "micro_batch": self.state.micro,
+                "batch_size": self.batch_size, "rng": ckpt.rng_state(self.generator),
+                "history": self.history, "best_score": self.best_score,
+                "best_epoch": self.best_epoch, "best_metrics": self.best_metrics,
+                "best_state": self.best_state}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = EpochState(saved["step"], saved["micro_batch"])
+        ckpt.set_rng_state(saved["rng"], self.generator)
+        self.history = list(saved["history"])
+        self.best_score, self.best_epoch = saved["best_score"], saved["best_epoch"]
+        self.best_metrics, self.best_state = saved["best_metrics"], saved["best_state"]
+
+
+def _resolve_batch(plan: RoundPlan, model: ChexNet, s: Settings, n_items: int,
+                   saved: dict[str, Any] | None) -> int:
+    if saved is not None:
+        return int(saved["batch_size"])
+    bs = plan.train.batch_size
+    if bs == "auto":
+        bs = auto_batch_size(model, plan.train.image_size, len(plan.targets), s, n_items)
+        print(f"chexops: batch_size auto -> {bs} on {s.device}", file=sys.stderr)
+    return int(bs)
+
+
+def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, s: Settings,
+             saved: dict[str, Any] | None) -> tuple[_Loop, Any, Any, int]:
+    """Model on the device (frozen as asked), seeded loaders, AdamW and its one-cycle."""
+    model.to(s.device)
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)
+    freeze_body(model, plan.freeze)
+    batch_size = _resolve_batch(plan, model, s, len(train), saved)
+    generator = torch.Generator().manual_seed(plan.seed)
+    pin = s.device.type == "cuda"
+    train_dl = make_loader(train, batch_size, True, generator, plan.runtime.workers, pin)
+    valid_dl = make_loader(valid, batch_size, False, None, plan.runtime.workers, pin)
+    n_batches = min(len(train_dl), plan.train.max_batches or len(train_dl))
+    if n_batches == 0:
+        raise ChexopsError("the training split is empty; check the clean and resample stages")
+    optimizer, peaks = make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms)
+    schedule = OneCycle(optimizer, peaks, plan.epochs * n_batches, plan.train.pct_start,
+                        plan.train.div, plan.train.final_div, tuple(plan.train.moms))
+    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, batch_size), batch_size)
+    return loop, train_dl, valid_dl, n_batches
+
+
+def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
+            metadata: dict[str, str] | None) -> int:
+    """Restore the loop from a checkpoint; returns the first epoch still to run."""
+    loop.restore(saved)
+    if loop.best_state is not None:  # DVC removes a stage's outputs before re-running it
+        save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(loop.best_epoch)})
+    print(f"chexops: resuming after epoch {saved['epoch']} from its checkpoint", file=sys.stderr)
+    return saved["epoch"] + 1
+
+
+def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan,
+                out_path: str | Path, device: torch.device | str = "cpu",
+                checkpoint_path: str | Path | None = None, fingerprint: str = "",
+                run_id: str | None = None,
+                on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                weights_metadata: dict[str, str] | None = None) -> RoundResult:
+    """Train `plan.epochs` epochs; the best epoch by validation AUROC is written to out_path
+    (only when an epoch improves). With checkpoint_path, every epoch is checkpointed and a
+    checkpoint with the same fingerprint is resumed; a finished round deletes it."""
+    from chexops.repro import seed_everything
+
+    check_valid_split(valid, plan.targets)
+    s = resolve_settings(plan.runtime, plan.train, torch.device(device))
+    seed_everything(plan.seed)
+    saved = ckpt.load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    loop, train_dl, valid_dl, n_batches = _prepare(model, train, valid, plan, s, saved)
+    start = _resume(loop, saved, out_path, weights_metadata) if saved is not None else 1
+    compiled = torch.compile(model) if plan.runtime.compile else model
+    for epoch in range(start, plan.epochs + 1):
+        _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
+                   weights_metadata, on_epoch_end)
+        if checkpoint_path:
+            ckpt.save_checkpoint(checkpoint_path, loop.checkpoint(epoch, fingerprint, run_id))
+    if loop.best_state is None:
+        raise ChexopsError("no epoch had a defined validation AUROC; check the validation split")
+    if checkpoint_path:
+        ckpt.remove_checkpoint(checkpoint_path)
+    return RoundResult(loop.history, loop.best_epoch, loop.best_metrics, loop.batch_size,
+                       loop.state.micro, start - 1 if saved is not None else None)
+
+
+def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, plan: RoundPlan,
+               epoch: int, n_batches: int, out_path: str | Path,
+               metadata: dict[str, str] | None,
+               on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
+    train_loss = train_one_epoch(model, train_dl, loop.optimizer, loop.schedule, loop.state, s,
+                                 epoch, n_batches)
+    val = validate(model, valid_dl, s, plan.targets)
+    lr = loop.optimizer.param_groups[-1]["lr"]
+    row = _history_row(epoch, train_loss, val, lr)
+    loop.history.append(row)
+    if _improves(val["auroc"], loop.best_score):
+        loop.best_score, loop.best_epoch = val["auroc"], epoch
+        loop.best_metrics = {**{k: row[k] for k in HISTORY_KEYS}, "targets": val["targets"]}
+        loop.best_state = state_to_save(loop.model)
+        save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
+    print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
+          f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
+    if on_epoch_end is not None:
+        on_epoch_end(row)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,141 @@
+"""model.py: heads, layer groups, freezing, weights files, bad architectures and weight files."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from chexops.config import ModelConfig
+from chexops.errors import ChexopsError
+from chexops.model import (build_model, freeze_body, layer_groups, load_weights, save_weights)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def densenet():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="densenet121"), 2)
+
+
+def test_fastai_head_layout_and_output_shape(densenet):
+    head = list(densenet.head)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["AdaptiveConcatPool2d", "Flatten", "BatchNorm1d", "Dropout", "Linear", "ReLU",
+                     "BatchNorm1d", "Dropout", "Linear", "BatchNorm1d"]
+    assert head[2].num_features == 2 * 1024          # avg + max of densenet121's 1024 channels
+    assert head[3].p == 0.25 and head[7].p == 0.5     # ps/2 then ps
+    assert head[4].out_features == 512 and head[8].out_features == 2
+    densenet.eval()
+    assert densenet(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
+
+
+def test_timm_head_and_no_final_bn():
+    torch.manual_seed(0)
+    timm_model = build_model(ModelConfig(arch="resnet18", head="timm"), 1)
+    assert isinstance(timm_model.head[-1], nn.Linear) and timm_model.head[-1].out_features == 1
+    assert timm_model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 1)
+    plain = build_model(ModelConfig(arch="resnet18", bn_final=False), 3)
+    assert isinstance(plain.head[-1], nn.Linear) and plain.head[-1].out_features == 3
+
+
+def test_layer_groups_cover_every_parameter_exactly_once(densenet):
+    groups = layer_groups(densenet)
+    assert len(groups) == 3 and all(groups)
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in densenet.parameters()}
+    assert {id(p) for p in groups[2]} == {id(p) for p in densenet.head.parameters()}
+    names = {id(p): n for n, p in densenet.body.named_parameters()}
+    first = [names[id(p)] for p in groups[0]]
+    second = [names[id(p)] for p in groups[1]]
+    # densenet121: up to and including transition2, then denseblock3 onwards
+    assert any(n.startswith("features.transition2.") for n in first)
+    assert second[0].startswith("features.denseblock3.")
+
+
+def test_layer_groups_split_resnet_after_layer2():
+    model = build_model(ModelConfig(arch="resnet18"), 1)
+    names = {id(p): n for n, p in model.body.named_parameters()}
+    early, late, _ = layer_groups(model)
+    assert names[id(early[-1])].startswith("layer2.") and names[id(late[0])].startswith("layer3.")
+
+
+def test_freeze_keeps_batchnorm_and_head_trainable(densenet):
+    freeze_body(densenet, True)
+    for module in densenet.body.modules():
+        for p in module.parameters(recurse=False):
+            assert p.requires_grad == isinstance(module, nn.modules.batchnorm._BatchNorm)
+    assert all(p.requires_grad for p in densenet.head.parameters())
+    assert any(not p.requires_grad for p in densenet.body.parameters())
+    freeze_body(densenet, False)
+    assert all(p.requires_grad for p in densenet.parameters())
+
+
+def test_unknown_arch_names_it_and_the_fix():
+    with pytest.raises(ChexopsError, match=r"densenet999.*timm.list_models\('dense\*'\)"):
+        build_model(ModelConfig(arch="densenet999"), 1)
+
+
+def test_weights_roundtrip_with_metadata(tmp_path):
+    torch.manual_seed(1)
+    a = build_model(ModelConfig(arch="resnet18"), 1)
+    torch.manual_seed(2)
+    b = build_model(ModelConfig(arch="resnet18"), 1)
+    save_weights(a, tmp_path / "w.safetensors", {"round": 1, "arch": "resnet18"})
+    meta = load_weights(b, tmp_path / "w.safetensors")
+    assert meta == {"round": "1", "arch": "resnet18"}
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left
+
+
+def test_load_weights_of_another_model_is_a_clear_error(tmp_path):
+    save_weights(build_model(ModelConfig(arch="resnet18"), 1), tmp_path / "w.safetensors")
+    with pytest.raises(ChexopsError, match="does not match the model"):
+        load_weights(build_model(ModelConfig(arch="resnet18"), 2), tmp_path / "w.safetensors")
+    with pytest.raises(ChexopsError, match="not found"):
+        load_weights(build_model(ModelConfig(arch="resnet18"), 1), tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_pretrained_path_loads_into_body(tmp_path, suffix):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18", pretrained=False)  # full timm model, with classifier
+    path = tmp_path / f"r18{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    model = build_model(ModelConfig(arch="resnet18", pretrained=str(path)), 1)
+    assert torch.equal(model.body.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.body.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_pretrained_path_errors(tmp_path):
+    with pytest.raises(ChexopsError, match="not found"):
+        build_model(ModelConfig(arch="resnet18", pretrained=str(tmp_path / "no.pth")), 1)
+    other = tmp_path / "d.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, other)
+    with pytest.raises(ChexopsError, match="lacks .* body weights"):
+        build_model(ModelConfig(arch="resnet18", pretrained=str(other)), 1)
+
+
+def test_pretrained_true_offline_fails_fast_with_fix(monkeypatch, tmp_path):
+    import chexops.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    try:  # huggingface_hub reads its cache folder at import: point it at the empty one
+        import huggingface_hub.constants as c
+        monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    except ImportError:
+        pass
+    cfg = dataclasses.replace(ModelConfig(arch="resnet18"), pretrained=True)
+    with pytest.raises(ChexopsError, match="pretrained weights .* unavailable.*pretrained to a local"):
+        build_model(cfg, 1)

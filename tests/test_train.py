@@ -1,0 +1,334 @@
+"""train.py, schedule.py, checkpoint.py: the round loop on tiny CPU data (resnet18, 32 px)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import chexops.train as train_mod
+from chexops.batches import ArraySet, make_loader, to_input
+from chexops.config import ModelConfig, TrainConfig
+from chexops.errors import ChexopsError
+from chexops.model import build_model
+from chexops.schedule import OneCycle, discriminative_lrs
+from chexops.train import (RoundPlan, Settings, accumulate_grads, auto_batch_size, masked_bce,
+                           predict_probs, train_round)
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+def tiny_data(n: int = 16, seed: int = 0, size: int = 32) -> ArraySet:
+    """Half positives, brighter; labels alternate so every batch holds both classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([i % 2 for i in range(n)], dtype=np.float32)
+    images = rng.integers(0, 120, (n, size, size), dtype=np.uint8)
+    images[labels == 1] += 100
+    return ArraySet.from_labels(images, labels)
+
+
+def plan(**overrides) -> RoundPlan:
+    train = TrainConfig(image_size=32, batch_size=overrides.pop("batch_size", 4),
+                        max_batches=overrides.pop("max_batches", 0))
+    base = dict(epochs=2, lr=(1e-4, 1e-3), freeze=False, seed=7, targets=("Cardiomegaly",),
+                train=train)
+    return RoundPlan(**{**base, **overrides})
+
+
+def new_model(seed: int = 0, arch: str = "resnet18"):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch=arch), 1)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- schedule and lrs
+
+def test_one_cycle_matches_fastai_formulas():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p]}], lr=1.0)
+    total, lr = 100, 3e-3
+    sched = OneCycle(opt, [lr], total, pct_start=0.3, div=25.0, final_div=1e4, moms=(0.95, 0.85))
+    sched.apply(0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr / 25)
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+    sched.apply(30)  # end of warm-up: peak lr, lowest momentum
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    assert opt.param_groups[0]["betas"] == pytest.approx((0.85, 0.999))  # beta2 untouched
+    sched.apply(15)  # half-way up: cosine midpoint
+    assert opt.param_groups[0]["lr"] == pytest.approx((lr / 25 + lr) / 2)
+    sched.apply(65)  # half-way down
+    end = lr / (25 * 1e4)
+    assert opt.param_groups[0]["lr"] == pytest.approx((lr + end) / 2)
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.90)
+    sched.apply(total)
+    assert opt.param_groups[0]["lr"] == pytest.approx(end)
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+    sched.apply(total - 1)  # the last step used: fastai's cosine at pct 99/100
+    pct = (99 / 100 - 0.3) / 0.7
+    assert opt.param_groups[0]["lr"] == pytest.approx(end + (lr - end) / 2 * (1 + math.cos(math.pi * pct)))
+
+
+def test_discriminative_lrs():
+    assert discriminative_lrs(1e-3, 3) == [1e-3] * 3
+    lo, mid, hi = discriminative_lrs((1e-5, 1e-3), 3)
+    assert (lo, hi) == pytest.approx((1e-5, 1e-3)) and mid == pytest.approx(1e-4)
+    assert discriminative_lrs([1e-5, 2e-5, 3e-5], 3) == [1e-5, 2e-5, 3e-5]
+
+
+@pytest.mark.parametrize("bad", [[1e-5, 1e-4, 1e-3, 1e-2], [1e-3, 1e-5]])
+def test_lr_range_that_does_not_fit_is_a_clear_error(bad):
+    with pytest.raises(ChexopsError, match=r"lr (range )?\[.*(fit|lo <= hi)"):
+        discriminative_lrs(bad, 3)
+
+
+def test_optimizer_groups_get_the_spread():
+    model = new_model()
+    opt, peaks = train_mod.make_optimizer(model, (1e-5, 1e-3), 0.01, (0.95, 0.85))
+    assert peaks == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g) for g in
+                                                            train_mod.layer_groups(model)]
+
+
+# ---------------------------------------------------------------- loss and batches
+
+def test_masked_loss_ignores_uncertain_labels():
+    logits = torch.tensor([[2.0], [-1.0], [5.0]])
+    raw = np.array([[1.0], [-1.0], [0.0]])
+    data = ArraySet.from_labels(np.zeros((3, 4, 4), np.uint8), raw)
+    assert data.mask.tolist() == [[True], [False], [True]]
+    loss = masked_bce(logits, torch.from_numpy(data.labels), torch.from_numpy(data.mask), None)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 5.0]), torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(expected.item())
+    changed = logits.clone()
+    changed[1] = 100.0  # the masked row's prediction does not matter
+    assert masked_bce(changed, torch.from_numpy(data.labels), torch.from_numpy(data.mask),
+                      None).item() == pytest.approx(loss.item())
+
+
+def test_pos_weight_weights_positives():
+    logits, y, m = torch.zeros(2, 1), torch.tensor([[1.0], [0.0]]), torch.ones(2, 1, dtype=torch.bool)
+    assert masked_bce(logits, y, m, 3.0).item() == pytest.approx(math.log(2) * 4 / 2)
+
+
+def test_input_is_normalised_three_channels():
+    x = to_input(torch.full((2, 8, 8), 255, dtype=torch.uint8), CPU)
+    assert x.shape == (2, 3, 8, 8)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([(1 - .485) / .229, (1 - .456) / .224,
+                                                    (1 - .406) / .225], rel=1e-5)
+
+
+def test_oversampled_rows_share_images_through_index():
+    images = np.stack([np.full((4, 4), v, np.uint8) for v in (10, 20)])
+    data = ArraySet.from_labels(images, np.array([0, 1, 1], np.float32), np.array([0, 1, 1]))
+    batch = next(iter(make_loader(data, 3, False, None)))
+    assert batch[0][:, 0, 0].tolist() == [10, 20, 20] and batch[1].ravel().tolist() == [0, 1, 1]
+
+
+# ---------------------------------------------------------------- the round
+
+def test_round_writes_best_weights_and_history(tmp_path):
+    rows = []
+    result = train_round(new_model(), tiny_data(), tiny_data(8, seed=1), plan(),
+                         tmp_path / "best.safetensors", on_epoch_end=rows.append)
+    assert [r["epoch"] for r in result.history] == [1, 2] and rows == result.history
+    assert set(rows[0]) == {"epoch", "train_loss", "valid_loss", "auroc", "precision", "recall",
+                            "error_rate", "lr"}
+    assert result.best_epoch in (1, 2)
+    assert result.best_metrics["targets"]["Cardiomegaly"]["confusion"]
+    assert (tmp_path / "best.safetensors").is_file()
+    # the last of 8 steps (2 epochs x 4 batches) anneals the head's lr at pct 7/8
+    pct = (7 / 8 - 0.3) / 0.7
+    end = 1e-3 / (25 * 1e4)
+    assert result.history[-1]["lr"] == pytest.approx(end + (1e-3 - end) / 2 * (1 + math.cos(math.pi * pct)))
+
+
+def test_worse_epoch_never_overwrites_best_weights(tmp_path, monkeypatch):
+    scores = iter([0.8, 0.6])
+    real = train_mod.validate
+
+    def fake_validate(*args, **kwargs):
+        return {**real(*args, **kwargs), "auroc": next(scores)}
+
+    monkeypatch.setattr(train_mod, "validate", fake_validate)
+    out = tmp_path / "best.safetensors"
+    snapshots = []
+    result = train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(), out,
+                         on_epoch_end=lambda row: snapshots.append(out.read_bytes()))
+    assert result.best_epoch == 1 and result.best_metrics["auroc"] == 0.8
+    assert snapshots[0] == snapshots[1] == out.read_bytes()
+
+
+def test_non_finite_loss_names_epoch_and_batch_and_keeps_best(tmp_path):
+    model = new_model()
+    poisoned = {"on": False}
+    model.register_forward_hook(lambda m, i, o: o * float("nan") if poisoned["on"] else o)
+    out = tmp_path / "best.safetensors"
+
+    def after_epoch(row):
+        poisoned["on"] = True  # epoch 2 diverges from its first batch
+        after_epoch.best = out.read_bytes()
+
+    with pytest.raises(ChexopsError, match=r"non-finite training loss .* epoch 2, batch 0"):
+        train_round(model, tiny_data(), tiny_data(8, 1), plan(), out, on_epoch_end=after_epoch)
+    assert out.read_bytes() == after_epoch.best
+
+
+def test_single_class_validation_is_refused_before_training(tmp_path):
+    valid = ArraySet.from_labels(np.zeros((4, 32, 32), np.uint8), np.zeros(4, np.float32))
+    with pytest.raises(ChexopsError, match="only negative Cardiomegaly cases: AUROC is undefined"):
+        train_round(new_model(), tiny_data(), valid, plan(), tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+    empty = ArraySet.from_labels(np.zeros((0, 32, 32), np.uint8), np.zeros(0, np.float32))
+    with pytest.raises(ChexopsError, match="validation split is empty"):
+        train_round(new_model(), tiny_data(), empty, plan(), tmp_path / "b.safetensors")
+
+
+def test_frozen_round_trains_head_and_batchnorm_only(tmp_path):
+    model = new_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_round(model, tiny_data(), tiny_data(8, 1), plan(epochs=1, freeze=True, lr=1e-3),
+                tmp_path / "b.safetensors")
+    after = model.state_dict()
+    assert torch.equal(before["body.conv1.weight"], after["body.conv1.weight"])
+    assert torch.equal(before["body.layer4.1.conv2.weight"], after["body.layer4.1.conv2.weight"])
+    assert not torch.equal(before["body.bn1.weight"], after["body.bn1.weight"])
+    assert not torch.equal(before["head.8.weight"], after["head.8.weight"])
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path):
+    for name in ("a", "b"):
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
+                    tmp_path / f"{name}.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    data, valid = tiny_data(), tiny_data(8, 1)
+    full = train_round(new_model(), data, valid, plan(epochs=3), tmp_path / "full.safetensors",
+                       checkpoint_path=tmp_path / "ck-full" / "last.pt", fingerprint="f")
+    full_model_state = weights(tmp_path / "full.safetensors")
+    assert not (tmp_path / "ck-full" / "last.pt").exists()  # a finished round removes it
+
+    real_epoch = train_mod.train_one_epoch
+
+    def crash_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    ck = tmp_path / "ck" / "last.pt"
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_round(new_model(), data, valid, plan(epochs=3), tmp_path / "r.safetensors",
+                    checkpoint_path=ck, fingerprint="f", run_id="run-123")
+    assert ck.is_file()
+    saved = torch.load(ck, weights_only=True)  # plain tensors and values only
+    assert saved["epoch"] == 1 and saved["run_id"] == "run-123"
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    (tmp_path / "r.safetensors").unlink()  # DVC removes outputs before re-running a stage
+    resumed = train_round(new_model(seed=99), data, valid, plan(epochs=3),
+                          tmp_path / "r.safetensors", checkpoint_path=ck, fingerprint="f")
+    assert resumed.resumed_from == 1
+    assert resumed.history == full.history and resumed.best_epoch == full.best_epoch
+    assert_same(weights(tmp_path / "r.safetensors"), full_model_state)
+    assert not ck.exists()
+
+
+def test_checkpoint_with_another_fingerprint_is_ignored(tmp_path, monkeypatch):
+    ck = tmp_path / "ck" / "last.pt"
+    # write a checkpoint for fingerprint "old" by crashing in epoch 2
+    real_epoch = train_mod.train_one_epoch
+
+    def crash(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(), tmp_path / "a.safetensors",
+                    checkpoint_path=ck, fingerprint="old")
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    result = train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
+                         tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="new")
+    assert result.resumed_from is None and len(result.history) == 1
+
+
+# ---------------------------------------------------------------- memory
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    model = new_model().eval()  # eval: BatchNorm uses running stats, so chunks are comparable
+    data = tiny_data(8)
+    images, labels, mask = (torch.from_numpy(data.images), torch.from_numpy(data.labels),
+                            torch.from_numpy(data.mask))
+    s = Settings(CPU)
+    accumulate_grads(model, images, labels, mask, 8, s)
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    accumulate_grads(model, images, labels, mask, 3, s)  # chunks 3, 3, 2
+    for g, p in zip(whole, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tmp_path):
+    model = new_model()
+    sizes = []
+
+    def fake_oom(module, args):
+        if module.training:
+            sizes.append(args[0].shape[0])
+            if args[0].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    model.register_forward_pre_hook(fake_oom)
+    result = train_round(model, tiny_data(), tiny_data(8, 1), plan(epochs=1, batch_size=8),
+                         tmp_path / "b.safetensors")
+    assert result.batch_size == 8 and result.micro_batch == 2
+    # batch 1: 8 and 4 fail, then 4 chunks of 2; batch 2 starts at 2: one step per 8 images
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 2, 2, 2]
+
+
+def test_out_of_memory_at_the_smallest_micro_batch_is_a_clear_error(tmp_path):
+    model = new_model()
+
+    def always_oom(module, args):
+        if module.training:
+            raise torch.OutOfMemoryError("injected")
+
+    model.register_forward_pre_hook(always_oom)
+    with pytest.raises(ChexopsError, match="out of memory even at micro-batch 2"):
+        train_round(model, tiny_data(), tiny_data(8, 1), plan(epochs=1, batch_size=4),
+                    tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_auto_batch_size_on_cpu_is_16(tmp_path):
+    assert auto_batch_size(new_model(), 32, 1, Settings(CPU), 1000) == 16
+    result = train_round(new_model(), tiny_data(32), tiny_data(8, 1),
+                         plan(epochs=1, batch_size="auto", max_batches=1),
+                         tmp_path / "b.safetensors")
+    assert result.batch_size == 16
+
+
+def test_predict_probs_in_order_and_in_range():
+    model = new_model().eval()
+    data = tiny_data(6)
+    probs = predict_probs(model, make_loader(data, 4, False, None), "cpu")
+    assert probs.shape == (6, 1) and ((probs > 0) & (probs < 1)).all()
+    one = predict_probs(model, make_loader(ArraySet(data.images[2:3], data.labels[2:3],
+                                                    data.mask[2:3]), 4, False, None), "cpu")
+    assert one[0, 0] == pytest.approx(probs[2, 0], rel=1e-5)

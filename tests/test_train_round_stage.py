@@ -1,0 +1,257 @@
+"""stages/train_round.py: a round's files, its MLflow calls, fresh draws, resume, bad input.
+
+Images and MLflow are replaced by small fakes (their own modules have their own tests): images
+come from a function of the path, the MLflow run records what the stage logged.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import chexops.train as train_mod
+from chexops import paths, tracking
+from chexops.config import params_from_dict
+from chexops.errors import ChexopsError
+from chexops.stages import train_round as stage
+
+torch.set_num_threads(1)
+
+
+def params(**extra):
+    raw = {
+        "seed": 3, "lr": 1e-3, "targets": ["Cardiomegaly"],
+        "runtime": {"threads": 1, "workers": 0, "device": "cpu"},
+        "model": {"arch": "resnet18"},
+        "train": {"image_size": 32, "batch_size": 4},
+        "rounds": {"r1": {"epochs": 2, "freeze": False},
+                   "r2": {"epochs": 1, "freeze": True, "lr": [1e-4, 1e-3]},
+                   "r3": {"epochs": 1, "freeze": False, "lr": 1e-4,
+                          "resample": {"seed": 5, "size": 12}},
+                   "r4": {"epochs": 1, "freeze": False, "lr": 1e-4},
+                   "r5": {"epochs": 1, "freeze": False, "lr": 1e-4}},
+    }
+    for key, value in extra.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return params_from_dict(raw)
+
+
+def fake_images(zip_path, image_paths, size, cache_dir, workers):
+    """Positives ('pos' in the path) are brighter; the rest is noise seeded by the path."""
+    out = np.empty((len(image_paths), size, size), np.uint8)
+    for i, p in enumerate(image_paths):
+        rng = np.random.default_rng(zlib.crc32(p.encode()))
+        out[i] = rng.integers(0, 120, (size, size)) + (100 if "pos" in p else 0)
+    return out
+
+
+def frame(n: int, valid: bool, start: int = 0) -> pd.DataFrame:
+    labels = [i % 2 for i in range(n)]
+    return pd.DataFrame({
+        "Path": [f"CheXpert-v1.0-small/{'valid' if valid else 'train'}/patient{start + i:05d}/"
+                 f"study1/view1_frontal_{'pos' if y else 'neg'}.jpg" for i, y in enumerate(labels)],
+        "Cardiomegaly": np.array(labels, dtype=np.int8), "valid": valid,
+        "patient": [f"patient{start + i:05d}" for i in range(n)]})
+
+
+class FakeRun:
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.params, self.metrics, self.dicts, self.figures, self.artifacts = {}, [], {}, [], []
+
+    def log_params(self, values):
+        self.params.update(values)
+
+    def log_metrics(self, values, step=None):
+        self.metrics.append((step, dict(values)))
+
+    def log_artifact(self, path, artifact_path=None):
+        assert Path(path).exists()
+        self.artifacts.append(Path(path).name)
+
+    def log_dict(self, obj, name):
+        self.dicts[name] = obj
+
+    def log_figure(self, fig, name):
+        self.figures.append(name)
+
+    def set_tags(self, tags):
+        pass
+
+
+@pytest.fixture
+def runs() -> list:
+    """(FakeRun, resume_run_id) of every stage_run the stage opened, in order."""
+    return []
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch, runs):
+    """A repo root with the resample stage's outputs, fake images and a recording MLflow."""
+    (tmp_path / paths.RESAMPLED_DIR).mkdir(parents=True)
+    train, valid = frame(16, False), frame(8, True, start=100)
+    train.to_parquet(tmp_path / paths.RESAMPLED_TRAIN)
+    valid.to_parquet(tmp_path / paths.RESAMPLED_VALID)
+    (tmp_path / paths.CLEAN_LABELS).parent.mkdir(parents=True)
+    pd.concat([frame(30, False, start=200), valid]).to_parquet(tmp_path / paths.CLEAN_LABELS)
+    (tmp_path / paths.RAW_ZIP).parent.mkdir(parents=True)
+    (tmp_path / paths.RAW_ZIP).write_bytes(b"stands in for the zip")
+    images = types.ModuleType("chexops.data.images")
+    images.load_image_array = fake_images
+    monkeypatch.setitem(sys.modules, "chexops.data.images", images)
+
+    @contextlib.contextmanager
+    def fake_stage_run(p, r, name, resume_run_id=None):
+        run = FakeRun(resume_run_id or f"run-{len(runs)}")
+        runs.append((run, resume_run_id))
+        yield run
+
+    monkeypatch.setattr(tracking, "stage_run", fake_stage_run)
+    return tmp_path
+
+
+def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
+    stage.main(params(), root, 1)
+    weights = root / paths.round_weights(1)
+    assert weights.is_file()
+    meta = json.loads((root / paths.round_meta(1)).read_text())
+    assert meta["seed"] == 3 and meta["round"] == 1 and meta["run_id"] == "run-0"
+    assert meta["best_epoch"] in (1, 2) and meta["params"]["rounds"]["lr"] == 1e-3
+    assert set(meta["inputs"]) == {"data/raw/chexpert.zip", "data/resampled/train.parquet",
+                                   "data/resampled/valid.parquet"}
+    metrics = json.loads((root / paths.round_metrics(1)).read_text())
+    assert metrics["best_epoch"] == meta["best_epoch"]
+    assert {"auroc", "precision", "recall", "error_rate", "confusion", "valid_loss"} <= set(metrics)
+    assert sum(map(sum, metrics["confusion"])) == 8
+    history = pd.read_csv(root / "plots/round-1/history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "auroc", "precision",
+                                     "recall", "error_rate", "lr"]
+    assert history["epoch"].tolist() == [1, 2]
+    run, resumed = runs[0]
+    assert resumed is None
+    assert run.params["lr"] == 1e-3 and run.params["epochs"] == 2 and run.params["seed"] == 3
+    assert run.params["image_size"] == 32 and run.params["batch_size"] == 4
+    assert [step for step, _ in run.metrics] == [1, 2]
+    assert set(run.metrics[0][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
+                                      "error_rate", "lr"}
+    assert run.dicts["confusion.json"] == {"Cardiomegaly": metrics["confusion"]}
+    assert run.figures == ["confusion.png"] and "best.safetensors" in run.artifacts
+    assert not (root / paths.CHECKPOINT_DIR / "round-1" / "last.pt").exists()
+
+
+def test_predict_frame_uses_the_rounds_weights(root):
+    from chexops.inference import predict_frame
+
+    p = params()
+    stage.main(p, root, 1)
+    valid = pd.read_parquet(root / paths.RESAMPLED_VALID)
+    probs = predict_frame(p, root / paths.round_weights(1), valid, root / paths.RAW_ZIP, root)
+    assert probs.shape == (8, 1) and ((probs > 0) & (probs < 1)).all()
+    again = predict_frame(p, root / paths.round_weights(1), valid.iloc[::-1], root / paths.RAW_ZIP,
+                          root)
+    np.testing.assert_allclose(again[::-1], probs, rtol=1e-5)  # row order follows the frame
+    metrics = json.loads((root / paths.round_metrics(1)).read_text())
+    from chexops.metrics import binary_metrics
+    assert binary_metrics(valid["Cardiomegaly"], probs[:, 0])["confusion"] == metrics["confusion"]
+
+
+def test_round_two_needs_round_one_weights(root):
+    with pytest.raises(ChexopsError, match=r"^models/round-1/best.safetensors not found; "
+                                           r"run `dvc repro train-round-1` first$"):
+        stage.main(params(), root, 2)
+    assert not (root / paths.round_dir(2)).exists()
+
+
+def test_round_two_starts_from_round_one_and_logs_the_lr_range(root, runs):
+    p = params()
+    stage.main(p, root, 1)
+    stage.main(p, root, 2)
+    run = runs[1][0]
+    assert run.params["lr"] == "[0.0001, 0.001]" and run.params["freeze"] is True
+    first = load_file(str(root / paths.round_weights(1)))
+    second = load_file(str(root / paths.round_weights(2)))
+    # frozen round: convolutions keep round 1's weights, the head moved on
+    assert torch.equal(first["body.conv1.weight"], second["body.conv1.weight"])
+    assert not torch.equal(first["head.8.weight"], second["head.8.weight"])
+    assert "models/round-1/best.safetensors" in json.loads(
+        (root / paths.round_meta(2)).read_text())["inputs"]
+
+
+def test_fresh_draw_uses_resample_frame_with_the_rounds_seed_and_size(root, monkeypatch):
+    calls = []
+
+    def resample_frame(df, target, strategy, fraction, seed):
+        calls.append((len(df), target, strategy, fraction, seed, bool(df["valid"].any())))
+        return pd.concat([df, df[df[target] == 1]]).reset_index(drop=True)
+
+    module = types.ModuleType("chexops.data.resample")
+    module.resample_frame = resample_frame
+    monkeypatch.setitem(sys.modules, "chexops.data.resample", module)
+    drawn = stage.fresh_draw(params(), root, params().round(3).resample)
+    assert calls == [(30, "Cardiomegaly", "oversample", 1.0, 5, False)]
+    assert len(drawn) == 12
+    again = stage.fresh_draw(params(), root, params().round(3).resample)
+    assert drawn["Path"].tolist() == again["Path"].tolist()  # seeded
+
+
+def test_unsupported_policy_and_lr_auto_are_refused(root):
+    with pytest.raises(ChexopsError, match="'multiclass' is not yet supported"):
+        stage.main(params(clean={"uncertainty": {"Cardiomegaly": "multiclass"}}), root, 1)
+    with pytest.raises(ChexopsError, match="lr: auto .* not yet supported"):
+        stage.main(params(rounds={**{f"r{k}": {"epochs": 1, "lr": 1e-3} for k in range(1, 6)},
+                                  "r1": {"epochs": 1, "lr": "auto"}}), root, 1)
+    with pytest.raises(ChexopsError, match="round 6 does not exist"):
+        stage.main(params(), root, 6)
+
+
+def test_uncertain_labels_are_masked_under_ignore(root):
+    p = params(clean={"uncertainty": {"Cardiomegaly": "ignore"}})
+    df = frame(4, False)
+    df.loc[1, "Cardiomegaly"] = -1
+    data = stage.array_set(p, root, df)
+    assert data.mask[:, 0].tolist() == [True, False, True, True]
+
+
+def test_oversampled_rows_decode_each_image_once(root, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys.modules["chexops.data.images"], "load_image_array",
+                        lambda z, ps, *a: seen.append(list(ps)) or fake_images(z, ps, *a))
+    df = frame(4, False)
+    data = stage.array_set(params(), root, pd.concat([df, df.iloc[[1, 1]]]))
+    assert len(seen[0]) == 4 and len(data) == 6 and data.images.shape[0] == 4
+
+
+def test_interrupted_round_resumes_its_run_and_matches_an_uninterrupted_one(root, runs,
+                                                                             monkeypatch):
+    p = params()
+    stage.main(p, root, 1)
+    uninterrupted = load_file(str(root / paths.round_weights(1)))
+    metrics = json.loads((root / paths.round_metrics(1)).read_text())
+    real_epoch = train_mod.train_one_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(p, root, 1)
+    assert (root / paths.CHECKPOINT_DIR / "round-1" / "last.pt").is_file()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    stage.main(p, root, 1)
+    crashed_run, resumed = runs[2]
+    assert resumed == runs[1][0].run_id          # the same MLflow run continues
+    assert [step for step, _ in crashed_run.metrics] == [2]
+    for key, value in load_file(str(root / paths.round_weights(1))).items():
+        assert torch.equal(value, uninterrupted[key]), key
+    assert json.loads((root / paths.round_metrics(1)).read_text()) == metrics
