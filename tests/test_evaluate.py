@@ -94,6 +94,11 @@ def stage_repo(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "chexops.inference",
                         types.SimpleNamespace(predict_frame=predict_frame))
+    # issue 6: these weights are fake bytes, so no Grad-CAM and no registry here; both are tested
+    # with a real tiny model in tests/test_evaluate_report.py
+    from chexops.stages import evaluate_report
+    monkeypatch.setattr(evaluate_report, "_gradcam_figures", lambda *a, **k: {})
+    monkeypatch.setattr(evaluate_report, "register_model", lambda *a, **k: None)
     return tmp_path, calls
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,14 +73,21 @@ def collate(batch):
 
 
 def make_loader(data: ArraySet, batch_size: int, shuffle: bool, generator: torch.Generator | None,
-                workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                workers: int = 0, pin_memory: bool = False,
+                sampler_fn: Callable[[Dataset], Sampler | None] | None = None) -> DataLoader:
     """A seeded loader; training drops the last short batch (BatchNorm needs > 1 item, and
-    fastai does the same) unless the whole set is smaller than one batch."""
+    fastai does the same) unless the whole set is smaller than one batch. `sampler_fn(dataset)`
+    may supply the order instead of `shuffle` (the epoch-seeded, rank-sharded samplers of
+    chexops.distributed)."""
     from chexops.repro import seed_worker
 
-    drop_last = shuffle and len(data) > batch_size
-    return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))),
-                      shuffle=shuffle, generator=generator, num_workers=workers,
+    dataset = ImageDataset(data)
+    sampler = sampler_fn(dataset) if sampler_fn is not None else None
+    n = len(sampler) if sampler is not None else len(data)
+    drop_last = shuffle and n > batch_size
+    return DataLoader(dataset, batch_size=min(batch_size, max(1, n)),
+                      shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=workers,
                       worker_init_fn=seed_worker if workers else None, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last)
 

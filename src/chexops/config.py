@@ -74,6 +74,9 @@ class CleanConfig:
     age_min: float | None = None
     age_max: float | None = None
     max_bad_fraction: float = 0.01
+    # issue 5: U-SelfTrained's teacher (weights path or MLflow URI) and its label kind
+    teacher: str | None = None     # path/to/best.safetensors | runs:/<id>/... | models:/<name>@<alias>
+    teacher_labels: str = "soft"   # soft: teacher probabilities | hard: thresholded at 0.5
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,15 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class LRFindConfig:
+    """The LR range test behind `lr: auto` (issue 5)."""
+    start: float = 1e-7            # first LR tried
+    end: float = 10.0              # last LR tried
+    num: int = 100                 # LR steps (one batch each) at most
+    fallback: float | None = None  # LR used when the test diverges at once; null = error
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     image_size: int = 64
     batch_size: Union[int, str] = 16     # int or "auto"
@@ -115,6 +127,7 @@ class TrainConfig:
     pos_weight: float | None = None
     max_batches: int = 0                 # 0 = whole epoch; >0 caps batches per epoch (tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,12 @@ class EvaluateConfig:
     target_sensitivity: float = 0.9
     bootstrap: int = 1000
     tta: int = 0
+    # issue 6: study-level metrics, Grad-CAM sample, model registry
+    per_study: bool = False        # also report per-study metrics (max over a study's views)
+    gradcam_per_kind: int = 4      # Grad-CAM sample size per kind (TP, FN, FP); 0 = none
+    register: bool = True          # log the final model to MLflow and register it
+    model_name: str = "chexops-cardiomegaly"
+    champion: bool = False         # point the alias `champion` at the newly registered version
 
 
 @dataclass(frozen=True)
@@ -289,6 +308,7 @@ def _validate(p: Params) -> None:
     need(p.clean.sex in ("all", "male", "female"),
          f"clean.sex: {p.clean.sex!r} must be all, male or female")
     need(0 <= p.clean.max_bad_fraction <= 1, "clean.max_bad_fraction: must be within [0, 1]")
+    _validate_recipe(p, need)
     need(p.resample.strategy in ("none", "oversample", "undersample"),
          f"resample.strategy: {p.resample.strategy!r} must be none, oversample or undersample")
     need(0 < p.resample.fraction <= 1, "resample.fraction: must be within (0, 1]")
@@ -320,8 +340,48 @@ def _validate(p: Params) -> None:
             need(name == "r1", f"rounds.{name}.lr: set a learning rate (only r1 may inherit the top-level lr)")
 
 
+AUGMENT_PRESETS = ("none", "lighting", "light", "custom")
+AUGMENT_FIELDS = ("brightness", "contrast", "rotate_deg", "translate", "scale", "hflip")
+
+
+def _validate_recipe(p: Params, need: Any) -> None:
+    """issue 5: augmentation menu, LR finder, U-SelfTrained's teacher, TTA."""
+    aug = p.train.augment
+    need(aug.preset in AUGMENT_PRESETS, f"train.augment.preset: unknown preset {aug.preset!r}; "
+                                        f"choose from {', '.join(AUGMENT_PRESETS)}")
+    for name in AUGMENT_FIELDS:
+        need(aug.preset == "custom" or not getattr(aug, name),
+             f"train.augment.{name}: set, but preset {aug.preset!r} ignores it; "
+             f"set train.augment.preset: custom to use the fields")
+    lf = p.train.lr_find
+    need(0 < lf.start < lf.end, f"train.lr_find: needs 0 < start < end, got {lf.start}, {lf.end}")
+    need(lf.num >= 10, f"train.lr_find.num: {lf.num} is too few steps; use at least 10")
+    need(lf.fallback is None or lf.fallback > 0, "train.lr_find.fallback: must be > 0 or null")
+    need(p.clean.teacher_labels in ("soft", "hard"),
+         f"clean.teacher_labels: {p.clean.teacher_labels!r} must be soft or hard")
+    selftrained = [t for t in p.targets if p.uncertainty_policy(t) == "selftrained"]
+    need(not selftrained or bool(p.clean.teacher),
+         f"clean.uncertainty.{selftrained[0] if selftrained else ''}: selftrained needs a teacher; "
+         f"set clean.teacher to a weights file or an MLflow runs:/ or models:/ URI")
+    need(p.evaluate.tta >= 0, f"evaluate.tta: {p.evaluate.tta} must be >= 0 (0 = off)")
+
+
+ON_OFF_KEYS = ("amp", "channels_last", "distributed")
+
+
+def _on_off_text(raw: dict) -> dict:
+    """YAML 1.1 (PyYAML) reads a bare on/off as true/false, and `dvc exp run -S` rewrites
+    params.yaml with "off" unquoted; map them back to the words these runtime keys take."""
+    runtime = raw.get("runtime")
+    if not isinstance(runtime, dict):
+        return raw
+    fixed = {k: ({True: "on", False: "off"}[v] if k in ON_OFF_KEYS and isinstance(v, bool) else v)
+             for k, v in runtime.items()}
+    return {**raw, "runtime": fixed}
+
+
 def params_from_dict(raw: dict) -> Params:
-    params = _build(Params, raw, "")
+    params = _build(Params, _on_off_text(raw), "")
     _validate(params)
     return params
 

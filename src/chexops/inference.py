@@ -27,11 +27,16 @@ def load_images(params: Params, df: pd.DataFrame, zip_path: str | Path, root: st
 
 
 def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
-                  zip_path: str | Path, root: str | Path) -> np.ndarray:
-    """(N, n_targets) sigmoid probabilities, in the frame's row order."""
+                  zip_path: str | Path, root: str | Path, tta: int = 0) -> np.ndarray:
+    """(N, n_targets) positive probabilities, in the frame's row order (sigmoid, or
+    p(pos)/(p(pos)+p(neg)) for U-MultiClass targets); tta > 0 averages over that many
+    augmented views (chexops.tta)."""
+    import dataclasses
+
     from chexops.batches import ArraySet, make_loader
     from chexops.model import build_model, load_weights
     from chexops.train import CPU_AUTO_BATCH, predict_probs, resolve_settings
+    from chexops.uncertainty import output_coding
 
     n_targets = len(params.targets)
     if len(df) == 0:
@@ -41,14 +46,21 @@ def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
     if model_cfg.pretrained is not False:  # the weights file replaces them anyway
         import dataclasses
         model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    model = build_model(model_cfg, n_targets)
+    coding = output_coding(params)
+    model = build_model(model_cfg, coding.n_outputs)
     load_weights(model, weights_path)
     model.to(device)
     images = load_images(params, df, zip_path, root)
     data = ArraySet.from_labels(images, np.zeros((len(df), n_targets), dtype=np.float32))
     bs = params.train.batch_size if isinstance(params.train.batch_size, int) else CPU_AUTO_BATCH
     loader = make_loader(data, bs, False, None, params.runtime.workers, device.type == "cuda")
-    settings = resolve_settings(params.runtime, params.train, device)
+    settings = dataclasses.replace(resolve_settings(params.runtime, params.train, device),
+                                   coding=coding)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
+    if tta > 0:
+        from chexops.tta import predict_tta, tta_spec
+
+        return predict_tta(model, loader, settings, tta, tta_spec(params.train.augment),
+                           params.seed)
     return predict_probs(model, loader, device, settings)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from chexops import checkpoint as ckpt
+from chexops import distributed
 from chexops.batches import ArraySet, make_loader, to_input
 from chexops.config import RuntimeConfig, TrainConfig
 from chexops.errors import ChexopsError
@@ -45,6 +46,7 @@ class RoundPlan:
     targets: tuple[str, ...]
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    coding: Any = None    # issue 5: uncertainty.OutputCoding (U-MultiClass); None = all sigmoid
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,20 @@ class Settings:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     pos_weight: float | None = None
+    coding: Any = None    # issue 5: uncertainty.OutputCoding; None = one sigmoid per target
+    augment: Any = None   # issue 5: augment.Augmenter (images, step) -> images; None = off
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+             denom: torch.Tensor | None = None) -> torch.Tensor:
+        if self.coding is None or self.coding.all_binary:
+            return masked_bce(logits, labels, mask, self.pos_weight, denom)
+        return self.coding.loss(logits, labels, mask, self.pos_weight, denom)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Positive probability per target (sigmoid; p(pos)/(p(pos)+p(neg)) for multiclass)."""
+        if self.coding is None or self.coding.all_binary:
+            return 1.0 / (1.0 + np.exp(-logits))
+        return self.coding.probs(logits)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -88,6 +104,16 @@ def resolve_settings(runtime: RuntimeConfig, train: TrainConfig,
     return Settings(device, amp, cuda and runtime.channels_last in ("auto", "on"), train.pos_weight)
 
 
+def with_recipe(s: Settings, plan: RoundPlan) -> Settings:
+    """issue 5: the plan's output coding (U-MultiClass) and seeded augmentation (train only)."""
+    import dataclasses
+
+    from chexops.augment import make_augmenter
+
+    return dataclasses.replace(s, coding=plan.coding,
+                               augment=make_augmenter(plan.train.augment, plan.seed, s.device))
+
+
 # ---------------------------------------------------------------- loss and one step
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -103,19 +129,24 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
 
 
 def accumulate_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     mask: torch.Tensor, micro: int, s: Settings) -> torch.Tensor:
+                     mask: torch.Tensor, micro: int, s: Settings,
+                     over_ranks: bool = True) -> torch.Tensor:
     """Forward/backward the batch in near-equal chunks of <= micro items; the gradient equals
-    the whole batch's (each chunk's loss is divided by the whole batch's label count)."""
+    the whole batch's (each chunk's loss is divided by the whole batch's label count). Under DDP
+    the count is the mean over ranks, so DDP's gradient averaging gives the global batch's
+    gradient, and only the last chunk all-reduces (over_ranks=False: a rank-local probe)."""
     labels, mask = labels.to(s.device, non_blocking=True), mask.to(s.device, non_blocking=True)
-    denom = mask.float().sum().clamp(min=1.0)
-    n_chunks = -(-len(images) // micro)
+    denom = mask.float().sum()
+    denom = (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
+    chunks = torch.arange(len(images)).tensor_split(-(-len(images) // micro))
     total = torch.zeros((), device=s.device)
-    for idx in torch.arange(len(images)).tensor_split(n_chunks):
+    for i, idx in enumerate(chunks):
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        with s.autocast():
-            logits = model(to_input(images[sl], s.device, s.channels_last))
-        loss = masked_bce(logits, labels[sl], mask[sl], s.pos_weight, denom)
-        loss.backward()
+        with distributed.no_sync(model, sync=i == len(chunks) - 1):
+            with s.autocast():
+                logits = model(to_input(images[sl], s.device, s.channels_last))
+            loss = s.loss(logits, labels[sl], mask[sl], denom)
+            loss.backward()
         total += loss.detach()
     return total
 
@@ -180,6 +211,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
         if max_batches and batch_idx >= max_batches:
             break
         schedule.apply(state.step)
+        if s.augment is not None:  # seeded by the global step, so a resumed round matches
+            batch = (s.augment(batch[0], state.step), *batch[1:])
         loss, state.micro = train_step(model, batch, optimizer, state.micro, s)
         state.step += 1
         pending.append((batch_idx, loss))
@@ -212,15 +245,16 @@ def predict_probs(model: nn.Module, loader, device: torch.device | str,
     """Sigmoid probabilities (N, n_targets) for every item of the loader, in order."""
     s = settings or Settings(torch.device(device))
     logits, _, _ = predict_logits(model, loader, s)
-    return 1.0 / (1.0 + np.exp(-logits))
+    return s.probs(logits)
 
 
 def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...]) -> dict[str, Any]:
-    """Validation loss and per-target metrics at 0.5 (macro means for several targets)."""
-    logits, labels, mask = predict_logits(model, loader, s)
-    loss = masked_bce(torch.from_numpy(logits), torch.from_numpy(labels),
-                      torch.from_numpy(mask), s.pos_weight)
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    """Validation loss and per-target metrics at 0.5 (macro means for several targets), over the
+    whole validation set (under DDP each rank predicts a shard; the shards are gathered)."""
+    n = len(loader.dataset)
+    logits, labels, mask = (distributed.gather_rows(a, n) for a in predict_logits(model, loader, s))
+    loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
+    probs = s.probs(logits)
     report = multi_target_metrics(labels, probs, targets, mask)
     per = list(report["targets"].values())
     mean = {k: float(np.mean([m[k] for m in per])) for k in ("precision", "recall", "error_rate")}
@@ -249,7 +283,7 @@ def _fits(model: nn.Module, batch: int, size: int, n_out: int, s: Settings) -> b
     try:
         images = torch.zeros(batch, size, size, dtype=torch.uint8)
         labels = torch.zeros(batch, n_out)
-        accumulate_grads(model, images, labels, labels.bool(), batch, s)
+        accumulate_grads(model, images, labels, labels.bool(), batch, s, over_ranks=False)
         return True
     except Exception as exc:
         if not _is_oom(exc):
@@ -341,6 +375,8 @@ def _resolve_batch(plan: RoundPlan, model: ChexNet, s: Settings, n_items: int,
     bs = plan.train.batch_size
     if bs == "auto":
         bs = auto_batch_size(model, plan.train.image_size, len(plan.targets), s, n_items)
+        if s.device.type == "cuda":  # the probe found a per-GPU batch; the global one is W x
+            bs = distributed.min_over_ranks(bs, s.device) * distributed.world_size()
         print(f"chexops: batch_size auto -> {bs} on {s.device}", file=sys.stderr)
     return int(bs)
 
@@ -355,8 +391,11 @@ def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, 
     batch_size = _resolve_batch(plan, model, s, len(train), saved)
     generator = torch.Generator().manual_seed(plan.seed)
     pin = s.device.type == "cuda"
-    train_dl = make_loader(train, batch_size, True, generator, plan.runtime.workers, pin)
-    valid_dl = make_loader(valid, batch_size, False, None, plan.runtime.workers, pin)
+    local = distributed.per_rank_batch(batch_size)  # batch_size is the effective batch
+    train_dl = make_loader(train, local, True, generator, plan.runtime.workers, pin,
+                           lambda ds: distributed.train_sampler(ds, plan.seed))
+    valid_dl = make_loader(valid, local, False, None, plan.runtime.workers, pin,
+                           distributed.eval_sampler)
     n_batches = min(len(train_dl), plan.train.max_batches or len(train_dl))
     if n_batches == 0:
         raise ChexopsError("the training split is empty; check the clean and resample stages")
@@ -371,6 +410,8 @@ def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
             metadata: dict[str, str] | None) -> int:
     """Restore the loop from a checkpoint; returns the first epoch still to run."""
     loop.restore(saved)
+    if not distributed.is_main():
+        return saved["epoch"] + 1
     if loop.best_state is not None:  # DVC removes a stage's outputs before re-running it
         save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(loop.best_epoch)})
     print(f"chexops: resuming after epoch {saved['epoch']} from its checkpoint", file=sys.stderr)
@@ -389,20 +430,23 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     from chexops.repro import seed_everything
 
     check_valid_split(valid, plan.targets)
-    s = resolve_settings(plan.runtime, plan.train, torch.device(device))
+    s = with_recipe(resolve_settings(plan.runtime, plan.train, torch.device(device)), plan)
     seed_everything(plan.seed)
-    saved = ckpt.load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    main = distributed.is_main()  # only rank 0 reads and writes files; the others follow it
+    saved = ckpt.load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path and main else None
+    saved = distributed.broadcast_object(saved)
     loop, train_dl, valid_dl, n_batches = _prepare(model, train, valid, plan, s, saved)
     start = _resume(loop, saved, out_path, weights_metadata) if saved is not None else 1
-    compiled = torch.compile(model) if plan.runtime.compile else model
+    net = distributed.wrap_model(model, s.device)
+    compiled = torch.compile(net) if plan.runtime.compile else net
     for epoch in range(start, plan.epochs + 1):
         _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
                    weights_metadata, on_epoch_end)
-        if checkpoint_path:
+        if checkpoint_path and main:
             ckpt.save_checkpoint(checkpoint_path, loop.checkpoint(epoch, fingerprint, run_id))
     if loop.best_state is None:
         raise ChexopsError("no epoch had a defined validation AUROC; check the validation split")
-    if checkpoint_path:
+    if checkpoint_path and main:
         ckpt.remove_checkpoint(checkpoint_path)
     return RoundResult(loop.history, loop.best_epoch, loop.best_metrics, loop.batch_size,
                        loop.state.micro, start - 1 if saved is not None else None)
@@ -412,8 +456,12 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
                epoch: int, n_batches: int, out_path: str | Path,
                metadata: dict[str, str] | None,
                on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
+    distributed.set_epoch(train_dl, epoch)  # the epoch's permutation: seed + epoch
     train_loss = train_one_epoch(model, train_dl, loop.optimizer, loop.schedule, loop.state, s,
                                  epoch, n_batches)
+    train_loss = float(distributed.mean_over_ranks(
+        torch.tensor(train_loss, dtype=torch.float64, device=s.device)))
+    distributed.average_buffers(loop.model)  # one BatchNorm state on every rank
     val = validate(model, valid_dl, s, plan.targets)
     lr = loop.optimizer.param_groups[-1]["lr"]
     row = _history_row(epoch, train_loss, val, lr)
@@ -422,7 +470,10 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
         loop.best_score, loop.best_epoch = val["auroc"], epoch
         loop.best_metrics = {**{k: row[k] for k in HISTORY_KEYS}, "targets": val["targets"]}
         loop.best_state = state_to_save(loop.model)
-        save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
+        if distributed.is_main():
+            save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
+    if not distributed.is_main():
+        return
     print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
           f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
     if on_epoch_end is not None:

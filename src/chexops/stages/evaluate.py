@@ -11,6 +11,7 @@ import pandas as pd
 from chexops import atomic, evaluate, paths, tracking
 from chexops.config import Params
 from chexops.errors import ChexopsError
+from chexops.stages import evaluate_report
 
 STAGE = "evaluate"
 FINAL_ROUND = 5
@@ -33,6 +34,29 @@ def predict(params: Params, root: Path, weights: Path, valid: pd.DataFrame) -> n
 
     return np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root))
 
+
+# ---------------------------------------------------------------- issue 5: TTA beside plain
+
+TTA_KEYS = ("auroc", "precision", "recall", "specificity", "error_rate")
+
+
+def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
+            metrics: dict[str, Any]) -> None:
+    """evaluate.tta = N > 0: metrics[<target>]['tta'] (and ['mean']['tta']) from the mean over
+    N augmented views, next to the plain values (so metrics/evaluate.json and MLflow get
+    `<target>.tta.auroc`)."""
+    n = params.evaluate.tta
+    if n <= 0 or len(valid) == 0:
+        return
+    from chexops.inference import predict_frame
+
+    probs = np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root, tta=n))
+    tta, _ = evaluate.evaluate_targets(valid, probs, params.targets, params.evaluate.threshold)
+    for name, m in tta.items():
+        metrics.setdefault(name, {})["tta"] = {**{k: m[k] for k in TTA_KEYS if k in m}, "views": n}
+
+
+# ---------------------------------------------------------------- outputs
 
 def write_plots(root: Path, curves: dict) -> None:
     for name, kind in (("roc.csv", "roc"), ("precision_recall.csv", "pr"),
@@ -79,10 +103,15 @@ def main(params: Params, root: Path) -> None:
         probs = predict(params, root, weights, valid)
         metrics, curves = evaluate.evaluate_targets(valid, probs, params.targets,
                                                     params.evaluate.threshold, truth)
+        extra = evaluate_report.extend_metrics(params, valid, probs, metrics)  # issue 6
+        add_tta(params, root, weights, valid, metrics)  # issue 5: TTA beside the plain result
         atomic.write_json(root / METRICS_FILE, metrics)
         write_plots(root, curves)
         figures = write_report(root, metrics, curves, params.targets)
+        figures.update(evaluate_report.write_outputs(  # issue 6: predictions, report.html, Grad-CAM
+            params, root, valid, probs, metrics, extra, weights, dict(figures)))
         log_to_run(run, root, params, metrics, figures, len(valid))
+        evaluate_report.register_model(params, run, root, weights)  # issue 6: MLflow registry
         _print_summary(metrics, params.targets)
     tracking.close_trial(params, root, run.run_id, {STAGE: metrics})
 

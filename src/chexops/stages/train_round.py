@@ -8,6 +8,7 @@ An interrupted round resumes from checkpoints/round-K/last.pt and continues its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -20,14 +21,22 @@ from chexops import atomic, paths
 from chexops.config import N_ROUNDS, Params, ResampleDraw, to_dict
 from chexops.errors import ChexopsError
 
-UNSUPPORTED_POLICIES = ("multiclass", "selftrained")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("k", type=int, help=f"round number, 1 to {N_ROUNDS}")
 
 
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
+    """`runtime.distributed: torchrun` re-launches this command under torchrun (so `dvc repro`
+    still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank."""
+    from chexops import distributed
+
+    if params.runtime.distributed == "torchrun" and not distributed.under_torchrun():
+        params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
+        cli = ["--params", str(params_path), "--root", str(root), "train-round", str(args.k)]
+        distributed.relaunch(distributed.torchrun_command(cli, params.runtime.nproc_per_node),
+                             root)
+        return
     main(params, root, args.k)
 
 
@@ -75,12 +84,8 @@ def load_frames(params: Params, root: Path, k: int) -> tuple[pd.DataFrame, pd.Da
 
 
 def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
-    """(N, T) float labels of the targets; -1 (U-Ignore) is masked by training."""
+    """(N, T) float raw labels of the targets (1 / 0 / -1); chexops.uncertainty encodes them."""
     for t in params.targets:
-        policy = params.uncertainty_policy(t)
-        if policy in UNSUPPORTED_POLICIES:
-            raise ChexopsError(f"clean.uncertainty.{t}: policy {policy!r} is not yet supported by "
-                               f"training; use ignore, zeros or ones")
         if t not in df.columns:
             raise ChexopsError(f"target {t!r} is not a column of the label table; "
                                f"run `dvc repro clean` with targets including it")
@@ -91,10 +96,23 @@ def array_set(params: Params, root: Path, df: pd.DataFrame):
     """Decode each distinct image once (cached); repeated rows (oversampling) share it."""
     from chexops.batches import ArraySet
     from chexops.inference import load_images
+    from chexops.uncertainty import encode_labels
 
     uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
     images = load_images(params, pd.DataFrame({"Path": uniq}), root / paths.RAW_ZIP, root)
-    return ArraySet.from_labels(images, label_matrix(params, df), index.astype(np.int64))
+    labels, mask = encode_labels(params, label_matrix(params, df))
+    return ArraySet(images, labels, mask, index.astype(np.int64))
+
+
+def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any, dict | None]:
+    """The training ArraySet; under U-SelfTrained the teacher relabels its uncertain labels
+    (returns the teacher's identity for MLflow, else None)."""
+    from chexops.uncertainty import needs_teacher, self_train
+
+    data = array_set(params, root, df)
+    if not needs_teacher(params):
+        return data, None
+    return self_train(params, root, data, label_matrix(params, df), device)
 
 
 # ---------------------------------------------------------------- provenance
@@ -125,6 +143,8 @@ def round_params(params: Params, k: int) -> dict[str, Any]:
     """Everything that shapes round k's result (the checkpoint fingerprint and meta.json)."""
     return {"round": k, "seed": params.seed, "targets": list(params.targets),
             "uncertainty": {t: params.uncertainty_policy(t) for t in params.targets},
+            "teacher": [params.clean.teacher, params.clean.teacher_labels]
+            if any(params.uncertainty_policy(t) == "selftrained" for t in params.targets) else None,
             "resample": to_dict(params.resample), "rounds": to_dict(params.round(k)),
             "model": to_dict(params.model),
             "train": to_dict(params.train)}
@@ -177,6 +197,9 @@ def log_best(stage_run, root: Path, k: int, result) -> None:
 
     per = result.best_metrics["targets"]
     stage_run.log_dict({t: m["confusion"] for t, m in per.items()}, "confusion.json")
+    if len(per) > 1:  # multi-label: each target's best-epoch metrics beside the mean
+        stage_run.log_metrics({f"best.{t}.{key}": m.get(key) for t, m in per.items()
+                               for key in ("auroc", "precision", "recall", "error_rate")})
     for t, m in per.items():
         name = "confusion.png" if len(per) == 1 else f"confusion-{t.replace(' ', '_')}.png"
         stage_run.log_figure(confusion_figure(m["confusion"], t), name)
@@ -188,36 +211,63 @@ def log_best(stage_run, root: Path, k: int, result) -> None:
 
 def plan_for(params: Params, k: int):
     from chexops.train import RoundPlan
+    from chexops.uncertainty import output_coding
 
-    r = params.round(k)
-    if r.lr == "auto":
-        raise ChexopsError(f"rounds.r{k}.lr: auto (the LR finder) is not yet supported; "
-                           f"give a number or [lo, hi]")
-    if params.train.augment.preset != "none":
-        raise ChexopsError(f"train.augment.preset: {params.train.augment.preset!r} is not yet "
-                           f"supported by training; set none")
+    r = params.round(k)  # lr may be "auto": _main replaces it by the LR finder's choice
     return RoundPlan(r.epochs, r.lr, r.freeze, params.seed, tuple(params.targets),
-                     params.train, params.runtime)
+                     params.train, params.runtime, output_coding(params))
 
 
 def build_start_model(params: Params, prev: Path | None):
     from chexops.model import build_model, load_weights
+    from chexops.uncertainty import output_coding
 
     model_cfg = params.model
     if prev is not None and model_cfg.pretrained is not False:  # round k-1 replaces them
         model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    model = build_model(model_cfg, len(params.targets))
+    model = build_model(model_cfg, output_coding(params).n_outputs)
     if prev is not None:
         load_weights(model, prev)
     return model
 
 
-def main(params: Params, root: Path, k: int) -> None:
-    from chexops import checkpoint, tracking
-    from chexops.repro import configure_torch, resolve_device, seed_everything
-    from chexops.train import train_round
+def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run):
+    """issue 5: `lr: auto` -> the LR range test's choice, logged to the round's run."""
+    from chexops.lr_find import auto_lr
 
-    root = Path(root)
+    if plan.lr != "auto":
+        return plan, None
+    lr, _ = auto_lr(model, train, plan, device, params.train.lr_find, f"rounds.r{k}", stage_run)
+    return dataclasses.replace(plan, lr=lr), lr
+
+
+def resumed_run_id(ckpt_path: Path, fingerprint: str) -> str | None:
+    """The MLflow run of the checkpoint this round will resume, if any (rank 0 only)."""
+    from chexops import checkpoint, distributed
+
+    if not distributed.is_main():
+        return None
+    saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)
+    return saved["run_id"] if saved else None  # train_round reloads the rest
+
+
+def main(params: Params, root: Path, k: int) -> None:
+    """Round k; under torchrun this process is one rank of a data-parallel run."""
+    from chexops import distributed
+    from chexops.repro import configure_torch, resolve_device
+
+    configure_torch(params.runtime)
+    with distributed.process_group(resolve_device(params.runtime),
+                                   params.runtime.threads) as ctx:
+        _main(params, Path(root), k, ctx.device)
+
+
+def _main(params: Params, root: Path, k: int, device) -> None:
+    from chexops import checkpoint, distributed, tracking
+    from chexops.repro import seed_everything
+    from chexops.train import train_round
+    from chexops.uncertainty import needs_teacher, resolve_teacher
+
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
     plan = plan_for(params, k)
@@ -227,27 +277,38 @@ def main(params: Params, root: Path, k: int) -> None:
     md5s = input_md5s(root, k, fresh)
     fingerprint = checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s})
     ckpt_path = checkpoint.checkpoint_path(root, k)
-    saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)
-    configure_torch(params.runtime)
-    device = resolve_device(params.runtime)
+    resume_run_id = resumed_run_id(ckpt_path, fingerprint)
     seed_everything(params.seed)  # the initial head weights come from the seed
     model = build_start_model(params, prev)  # before MLflow: a bad arch or weights fail fast
-    resume_run_id = saved["run_id"] if saved else None
-    del saved  # train_round reloads it; don't hold two copies of the weights
-    with tracking.stage_run(params, root, stage_name(k), resume_run_id=resume_run_id) as stage_run:
+    if params.clean.teacher and ":/" not in params.clean.teacher and needs_teacher(params):
+        resolve_teacher(params.clean.teacher, root)  # a missing teacher file fails fast too
+    tracked = (tracking.stage_run(params, root, stage_name(k), resume_run_id=resume_run_id)
+               if distributed.is_main() else contextlib.nullcontext(distributed.NullRun()))
+    with tracked as stage_run:
         stage_run.log_params(mlflow_params(params, k, len(train_df), len(valid_df)))
-        train, valid = array_set(params, root, train_df), array_set(params, root, valid_df)
+        with distributed.main_first():  # rank 0 builds the image cache, the others reuse it
+            train, teacher = train_set(params, root, train_df, device)
+            valid = array_set(params, root, valid_df)
+        if teacher is not None:  # U-SelfTrained: whose labels the round learns from
+            stage_run.set_tags(teacher)
+            stage_run.log_params({"teacher": teacher["teacher"]})
+        plan, found_lr = resolve_auto_lr(plan, params, k, model, train, device, stage_run)
         meta = {"round": k, "seed": params.seed, "params": round_params(params, k),
-                "inputs": md5s, "run_id": stage_run.run_id, "fingerprint": fingerprint}
+                "inputs": md5s, "run_id": stage_run.run_id, "fingerprint": fingerprint,
+                "lr_found": found_lr, "teacher": teacher}
         result = train_round(
             model, train, valid, plan, root / paths.round_weights(k), device, ckpt_path,
             fingerprint, stage_run.run_id,
             on_epoch_end=lambda row: stage_run.log_metrics(
                 {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
             weights_metadata={"round": str(k), "arch": params.model.arch,
-                              "targets": ",".join(params.targets), "seed": str(params.seed)})
+                              "targets": ",".join(params.targets), "seed": str(params.seed),
+                              "coding": plan.coding.to_str()})
         meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
-                    micro_batch=result.micro_batch)
+                    micro_batch=result.micro_batch, world_size=distributed.world_size(),
+                    resumed_from_epoch=result.resumed_from)
+        if not distributed.is_main():
+            return
         write_outputs(root, k, result, meta)
         log_best(stage_run, root, k, result)
         print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "

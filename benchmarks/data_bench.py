@@ -1,0 +1,134 @@
+"""Data benchmark (issue 2): synthetic generation speed, and clean + resample time and memory.
+
+    python benchmarks/data_bench.py                   # small: a few seconds
+    python benchmarks/data_bench.py --scale chexpert  # 223,414 + 234 rows with images (minutes)
+
+Writes benchmarks/results/data_bench.json. clean + resample run in a fresh interpreter so that
+its peak resident memory (ru_maxrss) is theirs alone.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SCALES = {"small": {"rows": 5_000}, "chexpert": {"rows": 223_414}}
+SEED_COUNTS = (27_000, 11_116, 8_087, 177_211)   # Cardiomegaly 1 / 0 / -1 / blank at 223,414 rows
+
+
+def bench_synthetic(patients: int, workers: int) -> dict:
+    from chexops.config import SyntheticConfig
+    from chexops.data.synthetic import generate_zip
+
+    cfg = SyntheticConfig(train_patients=patients, valid_patients=max(patients // 10, 1), workers=workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        truth = generate_zip(cfg, 0, Path(tmp) / "s.zip", Path(tmp) / "t.parquet")
+        seconds = time.perf_counter() - start
+        size = (Path(tmp) / "s.zip").stat().st_size
+    return {"images": len(truth), "workers": workers, "width": cfg.width, "height": cfg.height,
+            "seconds": seconds, "images_per_s": len(truth) / seconds,
+            "images_per_s_per_core": len(truth) / seconds / workers, "zip_mb": size / 2**20}
+
+
+def scaled_counts(rows: int) -> list[int]:
+    counts = [round(c * rows / sum(SEED_COUNTS)) for c in SEED_COUNTS]
+    counts[-1] += rows - sum(counts)
+    return counts
+
+
+def build_scale_zip(path: Path, rows: int) -> None:
+    """CheXpert-shaped zip: `rows` train + 234 valid rows, each with a small real JPEG."""
+    from PIL import Image
+
+    from chexops.config import OBSERVATIONS
+    from chexops.data.schema import CSV_COLUMNS
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 56), np.uint8)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["1.0", "0.0", "-1.0", ""], scaled_counts(rows))[rng.permutation(rows)]
+    blanks = "," * (len(OBSERVATIONS) - 1)
+    cardio_at = OBSERVATIONS.index("Cardiomegaly")
+
+    def line(split, i, label):
+        obs = blanks.split(",")
+        obs[cardio_at] = label
+        return f"CheXpert-v1.0-small/{split}/patient{i // 3 + 1:05d}/study1/view{i % 3 + 1}_frontal.jpg,Female,60,Frontal,AP," + ",".join(obs)
+
+    train = [line("train", i, lab) for i, lab in enumerate(labels)]
+    valid = [line("valid", rows * 3 + i, "1.0" if i % 3 == 0 else "0.0") for i in range(234)]
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, lines in (("train", train), ("valid", valid)):
+            zf.writestr(f"CheXpert-v1.0-small/{split}.csv", "\n".join([",".join(CSV_COLUMNS), *lines]) + "\n",
+                        compress_type=zipfile.ZIP_DEFLATED)
+        for text in train + valid:
+            zf.writestr(text.split(",", 1)[0], jpeg)
+
+
+def measure(zip_path: str) -> None:
+    """Child process: the clean and resample stages' work, timed; prints JSON."""
+    sys.path.insert(0, str(HERE.parent))
+    from chexops.data.clean import clean_table
+    from chexops.data.resample import resample_frame, split_frames
+    from tests.helpers import make_params
+
+    params = make_params()
+    t0 = time.perf_counter()
+    df, bad, _ = clean_table(Path(zip_path), params)
+    t1 = time.perf_counter()
+    train, valid = split_frames(df)
+    over = resample_frame(train, "Cardiomegaly", "oversample", 0.3, 42)
+    under = resample_frame(train, "Cardiomegaly", "undersample", 1.0, 42)
+    t2 = time.perf_counter()
+    print(json.dumps({"rows": len(df), "bad_images": len(bad), "clean_s": t1 - t0,
+                      "resample_s": t2 - t1, "total_s": t2 - t0, "oversample_0.3_rows": len(over),
+                      "undersample_rows": len(under),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_clean_resample(rows: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = Path(tmp) / "chexpert.zip"
+        start = time.perf_counter()
+        build_scale_zip(zip_path, rows)
+        build_s = time.perf_counter() - start
+        out = subprocess.run([sys.executable, __file__, "--measure", str(zip_path)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    return {"train_rows": rows, "zip_build_s": build_s, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small")
+    parser.add_argument("--patients", type=int, default=300, help="synthetic train patients")
+    parser.add_argument("--workers", type=int, default=2, help="synthetic worker processes (also runs 1)")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.measure)
+        return
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()},
+              "synthetic": [bench_synthetic(args.patients, w) for w in sorted({1, args.workers})],
+              "clean_resample": bench_clean_resample(SCALES[args.scale]["rows"]), "scale": args.scale}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results/data_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

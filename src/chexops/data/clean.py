@@ -1,0 +1,220 @@
+"""The `clean` stage: train.csv + valid.csv -> one clean label table (the seed's prep_data).
+
+Adds `valid` and `patient`, fills blanks with 0, applies each observation's uncertainty
+policy to the training split, filters views / sex / age, checks every image path and
+header, and records label counts before and after.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chexops import atomic, paths
+from chexops.config import OBSERVATIONS, Params
+from chexops.data.images import check_images, check_member_path, find_root
+from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
+from chexops.errors import ChexopsError
+
+STAGE = "clean"
+KEEP_MINUS_ONE = ("ignore", "multiclass", "selftrained")   # training decides what -1 means
+_PATIENT = re.compile(r"/(patient\d+)/")
+
+
+# ---------------------------------------------------------------- reading and validating
+
+def parse_csv(data: bytes, name: str) -> pd.DataFrame:
+    """A CheXpert CSV as a frame (labels float, NaN = blank); clear errors for bad files."""
+    if not data.strip():
+        raise ChexopsError(f"{name} is empty; restore the CheXpert CSV (header + one row per image)")
+    df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise ChexopsError(f"{name}: missing required column {missing[0]!r}; "
+                           f"the CSV needs the 19 CheXpert columns ({', '.join(CSV_COLUMNS[:5])}, ...)")
+    if df.empty:
+        raise ChexopsError(f"{name} has a header but no rows; restore the CheXpert CSV")
+    for col in OBSERVATIONS:
+        df[col] = parse_labels(df[col], col, name)
+    age = pd.to_numeric(df["Age"].str.strip(), errors="coerce")
+    if age.isna().any():
+        bad = df.loc[age.isna(), ["Path", "Age"]].iloc[0]
+        raise ChexopsError(f"{name}: non-numeric Age {bad['Age']!r} for {bad['Path']}; "
+                           f"fix the Age column (whole years)")
+    df["Age"] = age
+    dup = df["Path"].duplicated()
+    if dup.any():
+        raise ChexopsError(f"{name}: duplicate path {df.loc[dup, 'Path'].iloc[0]}; "
+                           f"each image must appear once, remove the repeated row")
+    return df
+
+
+def parse_labels(col: pd.Series, column: str, name: str) -> pd.Series:
+    """1 / 0 / -1 / blank only."""
+    text = col.str.strip()
+    values = pd.to_numeric(text.where(text != ""), errors="coerce")
+    bad = (text != "") & ~values.isin(LABEL_VALUES)
+    if bad.any():
+        raise ChexopsError(f"{name}: label {text[bad].iloc[0]!r} in column {column!r} is not one of "
+                           f"1, 0, -1 or blank; fix the CSV")
+    return values
+
+
+def read_split_csvs(zip_path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """(root folder, train rows, valid rows) from the CheXpert zip."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (FileNotFoundError, zipfile.BadZipFile) as exc:
+        raise ChexopsError(f"{zip_path}: cannot open ({exc.__class__.__name__}); "
+                           f"run `dvc repro download`") from None
+    with zf:
+        root = find_root(zf.namelist())
+        if root is None:
+            raise ChexopsError(f"{zip_path} has no CheXpert train.csv and valid.csv; "
+                               f"run `dvc repro download` with a CheXpert source")
+        frames = [parse_csv(zf.read(f"{root}/{s}.csv"), f"{s}.csv") for s in ("train", "valid")]
+    return root, frames[0], frames[1]
+
+
+# ---------------------------------------------------------------- transforming
+
+def patient_of(path: str) -> str:
+    m = _PATIENT.search(path)
+    if m is None:
+        raise ChexopsError(f"image path {path!r} names no patient folder (patientNNNNN); "
+                           f"fix the CSV paths to the CheXpert layout")
+    return m.group(1)
+
+
+def combine(train: pd.DataFrame, valid: pd.DataFrame, root: str) -> pd.DataFrame:
+    """One table with `valid` and `patient`; every path checked to stay under the data root."""
+    df = pd.concat([train.assign(valid=False), valid.assign(valid=True)], ignore_index=True)
+    for p in df["Path"]:
+        check_member_path(p, root)
+    df["patient"] = [patient_of(p) for p in df["Path"]]
+    dup = df["Path"].duplicated()
+    if dup.any():
+        raise ChexopsError(f"path {df.loc[dup, 'Path'].iloc[0]} is in both train.csv and valid.csv; "
+                           f"each image must belong to one split")
+    return df
+
+
+def filter_rows(df: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """View, sex and age filters (both splits, so validation matches the training population)."""
+    c = params.clean
+    keep = pd.Series(True, index=df.index)
+    frontal = df["Frontal/Lateral"].str.lower() == "frontal"
+    if c.views != "all":
+        keep &= frontal
+    if c.views in ("ap", "pa"):
+        keep &= df["AP/PA"].str.upper() == c.views.upper()
+    if c.sex != "all":
+        keep &= df["Sex"].str.lower() == c.sex
+    if c.age_min is not None:
+        keep &= df["Age"] >= c.age_min
+    if c.age_max is not None:
+        keep &= df["Age"] <= c.age_max
+    return df[keep].reset_index(drop=True)
+
+
+def apply_policies(df: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Blank -> 0; -1 per observation policy on train rows; valid rows end as 0/1 only."""
+    out = df.copy()
+    train = ~out["valid"].to_numpy()
+    for obs in OBSERVATIONS:
+        y = out[obs].fillna(0.0).to_numpy(dtype=float, copy=True)
+        policy = params.uncertainty_policy(obs)
+        unc = y == -1
+        if policy == "zeros":
+            y[unc & train] = 0
+        elif policy == "ones":
+            y[unc & train] = 1
+        y[unc & ~train] = 0        # expert valid labels hold no -1; if one does, U-Zeros it
+        out[obs] = y.astype(np.int8)
+    return out
+
+
+def label_counts(df: pd.DataFrame, targets: tuple[str, ...]) -> dict[str, Any]:
+    """{split: {target: {"1": n, "0": n, "-1": n, "blank": n}}} (blank only before cleaning)."""
+    out: dict[str, Any] = {}
+    for split, part in (("train", df[~df["valid"]]), ("valid", df[df["valid"]])):
+        out[split] = {}
+        for t in targets:
+            col = part[t]
+            counts = {str(int(v)): int((col == v).sum()) for v in (1, 0, -1)}
+            if col.isna().any() or col.dtype.kind == "f":
+                counts["blank"] = int(col.isna().sum())
+            out[split][t] = counts
+    return out
+
+
+def drop_bad_images(df: pd.DataFrame, zip_path: Path, max_bad: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows with readable images, report of the bad ones); error above `max_bad` share."""
+    bad = pd.DataFrame(check_images(zip_path, df["Path"].tolist()), columns=["Path", "reason"])
+    share = len(bad) / max(len(df), 1)
+    if share > max_bad:
+        examples = ", ".join(bad["Path"].head(3))
+        raise ChexopsError(f"{len(bad)} of {len(df)} images ({share:.1%}) are missing or unreadable, "
+                           f"above clean.max_bad_fraction={max_bad}; repair the data (e.g. {examples}) "
+                           f"or raise clean.max_bad_fraction")
+    return df[~df["Path"].isin(bad["Path"])].reset_index(drop=True), bad
+
+
+def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(labels table, bad-image report, metrics) from the zip."""
+    root, train, valid = read_split_csvs(zip_path)
+    df = combine(train, valid, root)
+    before = label_counts(df, params.targets)
+    rows_before = {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
+    df = filter_rows(df, params)
+    df, bad = drop_bad_images(df, zip_path, params.clean.max_bad_fraction)
+    for split, n in (("train", int((~df["valid"]).sum())), ("valid", int(df["valid"].sum()))):
+        if n == 0:
+            raise ChexopsError(f"no {split} rows left after the clean filters; "
+                               f"relax clean.views / clean.sex / clean.age_min / clean.age_max")
+    df = apply_policies(df, params)
+    df["AP/PA"] = df["AP/PA"].fillna("")
+    df["Age"] = df["Age"].astype(int) if (df["Age"] % 1 == 0).all() else df["Age"]
+    metrics = {"rows_before": rows_before,
+               "rows_after": {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())},
+               "bad_images": len(bad), "labels_before": before,
+               "labels_after": label_counts(df, params.targets)}
+    columns = [*CSV_COLUMNS, "valid", "patient"]
+    return df[columns], bad, metrics
+
+
+def print_counts(metrics: dict) -> None:
+    for when in ("labels_before", "labels_after"):
+        for split, per_target in metrics[when].items():
+            for target, counts in per_target.items():
+                text = ", ".join(f"{k}: {v}" for k, v in counts.items())
+                print(f"clean {when.split('_')[1]:6s} {split:5s} {target}: {text}")
+    print(f"clean: {metrics['rows_after']['train']} train + {metrics['rows_after']['valid']} valid "
+          f"rows kept, {metrics['bad_images']} bad images dropped")
+
+
+def main(params: Params, root: Path) -> None:
+    from chexops import tracking
+
+    root = Path(root)
+    zip_path = root / paths.RAW_ZIP
+    if not zip_path.is_file():
+        raise ChexopsError(f"{paths.RAW_ZIP} not found; run `dvc repro download` first")
+    with tracking.stage_run(params, root, STAGE) as run:
+        df, bad, metrics = clean_table(zip_path, params)
+        out_dir = root / paths.CLEAN_LABELS.parent
+        with atomic.atomic_dir(out_dir) as tmp:
+            df.to_parquet(tmp / paths.CLEAN_LABELS.name, index=False)
+            bad.to_csv(tmp / paths.CLEAN_REPORT.name, index=False)
+        atomic.write_json(root / paths.METRICS_DIR / "clean.json", metrics)
+        print_counts(metrics)
+        run.log_params({"views": params.clean.views, "sex": params.clean.sex,
+                        "default_uncertainty": params.clean.default_uncertainty})
+        run.log_metrics({"train_rows": metrics["rows_after"]["train"],
+                         "valid_rows": metrics["rows_after"]["valid"],
+                         "bad_images": metrics["bad_images"]})

@@ -1,0 +1,22 @@
+"""Shared fixtures: a tiny CheXpert zip, and tracking replaced by a recorder for stage tests."""
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import fake_stage_run, write_chexpert_zip
+
+
+@pytest.fixture()
+def tiny_chexpert_zip(tmp_path):
+    """A CheXpert-v1.0-small zip: 6 train + 3 valid patients, two views each, real JPEGs."""
+    return write_chexpert_zip(tmp_path / "tiny-chexpert.zip")
+
+
+@pytest.fixture()
+def stage_runs(monkeypatch):
+    """chexops.tracking.stage_run -> an in-memory recorder; yields [(stage, run), ...]."""
+    import chexops.tracking as tracking
+
+    runs: list = []
+    monkeypatch.setattr(tracking, "stage_run", fake_stage_run(runs))
+    return runs

@@ -1,0 +1,140 @@
+"""The clean stage: label table, policies, filters, counts, bad images, bad CSVs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from chexops.data import clean
+from chexops.errors import ChexopsError
+from tests.helpers import chexpert_rows, csv_text, make_params, write_chexpert_zip
+
+
+def repo_with(tmp_path, **kw):
+    root = tmp_path / "repo"
+    (root / "data/raw").mkdir(parents=True)
+    write_chexpert_zip(root / "data/raw/chexpert.zip", **kw)
+    return root
+
+
+def test_main_writes_table_report_and_counts(tmp_path, stage_runs, capsys):
+    root = repo_with(tmp_path)
+    clean.main(make_params(), root)
+    df = pd.read_parquet(root / "data/clean/labels.parquet")
+    train, valid = chexpert_rows()
+    assert len(df) == len(train) + len(valid)
+    assert df["valid"].dtype == bool and int(df["valid"].sum()) == len(valid)
+    assert df["patient"].iloc[0] == "patient00001"
+    assert df["Cardiomegaly"].dtype == np.int8 and set(df["Cardiomegaly"]) <= {0, 1}   # U-Zeros
+    metrics = json.loads((root / "metrics/clean.json").read_text())
+    before = metrics["labels_before"]["train"]["Cardiomegaly"]
+    raw = train["Cardiomegaly"]
+    assert before == {"1": int((raw == 1).sum()), "0": int((raw == 0).sum()),
+                      "-1": int((raw == -1).sum()), "blank": int(raw.isna().sum())}
+    after = metrics["labels_after"]["train"]["Cardiomegaly"]
+    assert after["1"] == before["1"] and after["-1"] == 0
+    assert pd.read_csv(root / "data/clean/bad_images.csv").empty
+    assert "clean before train Cardiomegaly: 1: " in capsys.readouterr().out
+    assert stage_runs[0][0] == "clean" and stage_runs[0][1].metrics["valid_rows"] == len(valid)
+
+
+def test_policies_per_observation_apply_to_train_only():
+    train, valid = chexpert_rows(train_patients=20)
+    valid.loc[0, "Edema"] = -1.0      # a stray -1 in the expert set is zeroed, never kept
+    df = clean.combine(train, valid, "CheXpert-v1.0-small")
+    params = make_params({"clean": {"uncertainty": {"Edema": "ones", "Atelectasis": "ignore",
+                                                    "Pneumonia": "multiclass"}}})
+    out = clean.apply_policies(df, params)
+    tr, va = out[~out["valid"]], out[out["valid"]]
+    edema_unc = (train["Edema"] == -1).to_numpy()
+    assert (tr["Edema"].to_numpy()[edema_unc] == 1).all()
+    assert (tr["Atelectasis"] == -1).sum() == (train["Atelectasis"] == -1).sum() > 0
+    assert (tr["Pneumonia"] == -1).sum() == (train["Pneumonia"] == -1).sum()
+    assert (tr["Cardiomegaly"] != -1).all()
+    assert set(np.unique(va[list(clean.OBSERVATIONS)].to_numpy())) <= {0, 1}
+    assert (tr["Lung Lesion"].to_numpy()[train["Lung Lesion"].isna().to_numpy()] == 0).all()
+
+
+@pytest.mark.parametrize("views, expect", [("frontal", {"Frontal"}), ("ap", {"AP"}), ("pa", {"PA"})])
+def test_view_filter(views, expect):
+    train, valid = chexpert_rows(train_patients=9)
+    df = clean.combine(train, valid, "CheXpert-v1.0-small")
+    out = clean.filter_rows(df, make_params({"clean": {"views": views}}))
+    column = "Frontal/Lateral" if views == "frontal" else "AP/PA"
+    assert set(out[column]) == expect and 0 < len(out) < len(df)
+
+
+def test_sex_and_age_filters():
+    train, valid = chexpert_rows(train_patients=9)
+    df = clean.combine(train, valid, "CheXpert-v1.0-small")
+    out = clean.filter_rows(df, make_params({"clean": {"sex": "female", "age_min": 43, "age_max": 47}}))
+    assert set(out["Sex"]) == {"Female"} and out["Age"].between(43, 47).all() and len(out) > 0
+
+
+def test_bad_images_below_limit_are_dropped_and_listed(tmp_path, stage_runs):
+    train, valid = chexpert_rows(train_patients=60)
+    missing = train["Path"].iloc[3]
+    root = repo_with(tmp_path, train=train, valid=valid, skip_images=(missing,))
+    clean.main(make_params({"clean": {"max_bad_fraction": 0.05}}), root)
+    df = pd.read_parquet(root / "data/clean/labels.parquet")
+    report = pd.read_csv(root / "data/clean/bad_images.csv")
+    assert missing not in set(df["Path"]) and list(report["Path"]) == [missing]
+    assert report["reason"].iloc[0] == "missing"
+
+
+def assert_nothing_written(root):
+    assert not (root / "data/clean").exists()
+    assert not (root / "metrics/clean.json").exists()
+    leftovers = [p.name for p in (root / "data").iterdir() if p.name != "raw"]
+    assert leftovers == []
+
+
+def test_too_many_bad_images_stop_the_stage(tmp_path, stage_runs):
+    train, valid = chexpert_rows()
+    root = repo_with(tmp_path, train=train, valid=valid,
+                     corrupt_images=tuple(train["Path"][:3]))
+    with pytest.raises(ChexopsError, match=r"3 of 18 images .* above clean.max_bad_fraction"):
+        clean.main(make_params(), root)
+    assert_nothing_written(root)
+
+
+def bad_csv_cases():
+    train, _ = chexpert_rows()
+    no_col = csv_text(train.drop(columns=["Cardiomegaly"]))
+    bad_label = csv_text(train).replace(",1.0,", ",2.0,", 1)
+    bad_age = csv_text(train.assign(Age=["forty"] + list(train["Age"][1:])))
+    dup = csv_text(pd.concat([train, train.iloc[:1]]))
+    escape = csv_text(train.assign(Path=["CheXpert-v1.0-small/../../etc/x.jpg"] + list(train["Path"][1:])))
+    absolute = csv_text(train.assign(Path=["/etc/passwd"] + list(train["Path"][1:])))
+    header_only = csv_text(train.iloc[:0])
+    return [(no_col, "missing required column 'Cardiomegaly'"),
+            (bad_label, "label '2.0' in column .* is not one of 1, 0, -1 or blank"),
+            (bad_age, "non-numeric Age 'forty'"),
+            ("", "train.csv is empty"),
+            (header_only, "header but no rows"),
+            (dup, "duplicate path"),
+            (escape, "escapes the data root"),
+            (absolute, "is absolute")]
+
+
+@pytest.mark.parametrize("text, message", bad_csv_cases())
+def test_bad_csvs_give_one_line_errors_and_write_nothing(tmp_path, stage_runs, text, message):
+    root = repo_with(tmp_path, train_csv=text)
+    with pytest.raises(ChexopsError, match=message) as info:
+        clean.main(make_params(), root)
+    assert "\n" not in str(info.value) and ";" in str(info.value)
+    assert_nothing_written(root)
+
+
+def test_missing_zip_names_the_fix(tmp_path):
+    with pytest.raises(ChexopsError, match="run `dvc repro download` first"):
+        clean.main(make_params(), tmp_path)
+
+
+def test_filters_that_leave_nothing_are_an_error(tmp_path, stage_runs):
+    root = repo_with(tmp_path)
+    with pytest.raises(ChexopsError, match="no train rows left"):
+        clean.main(make_params({"clean": {"age_min": 200}}), root)
+    assert_nothing_written(root)

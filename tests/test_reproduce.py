@@ -1,0 +1,409 @@
+"""`chexops reproduce RUN`: finding the trial, restoring code/params/data, the verdict; and, on the
+reduced pipeline, an identical reproduction and a refusal when one image of the data changed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from chexops import remote, reproduce
+from chexops.errors import ChexopsError
+from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+
+
+# ---------------------------------------------------------------- a small MLflow store
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store with one trial (two stage children), a linked cached stage and a lone run."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("store")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.create_experiment("chexops", artifact_location=(tmp / "art").as_uri())
+    trial = client.create_run(exp, run_name="lr-small").info.run_id
+    evaluate = client.create_run(exp, tags={"chexops.stage": "evaluate",
+                                            "mlflow.parentRunId": trial}).info.run_id
+    round1 = client.create_run(exp, tags={"chexops.stage": "train-round-1",
+                                          "mlflow.parentRunId": trial}).info.run_id
+    cached = client.create_run(exp, tags={"chexops.stage": "download"}).info.run_id
+    lone = client.create_run(exp, tags={"chexops.stage": "clean"}).info.run_id
+    for key, value in {"chexops.trial": "true", "dvc.exp_name": "lr-small",
+                       "chexops.evaluate_run_id": evaluate, "stage.download.run_id": cached,
+                       "git.commit": "abc", "git.dirty": "False",
+                       "data.md5.data/raw": "d" * 32 + ".dir"}.items():
+        client.set_tag(trial, key, value)
+    client.log_param(trial, "seed", "42")
+    client.log_param(trial, "rounds.r2.lr", "[0.0001, 0.001]")
+    client.log_dict(evaluate, {"seed": 42, "rounds": {"r2": {"lr": [0.0001, 0.001]}}},
+                    "config/params.json")
+    return {"client": client, "trial": trial, "evaluate": evaluate, "round1": round1,
+            "cached": cached, "lone": lone, "tmp": tmp}
+
+
+def test_find_trial_by_run_id_stage_run_and_experiment_name(store):
+    client, trial = store["client"], store["trial"]
+    assert reproduce.find_trial_run(client, trial, "s").info.run_id == trial
+    assert reproduce.find_trial_run(client, store["round1"], "s").info.run_id == trial
+    assert reproduce.find_trial_run(client, "lr-small", "s").info.run_id == trial
+
+
+def test_unknown_run_and_non_trial_run_are_refused(store):
+    with pytest.raises(ChexopsError, match=r"no trial run or DVC experiment named 'nope' in "
+                                           r"the tracking store S; find the id"):
+        reproduce.find_trial_run(store["client"], "nope", "S")
+    with pytest.raises(ChexopsError, match="is not a chexops trial run"):
+        reproduce.find_trial_run(store["client"], store["lone"], "S")
+
+
+def test_load_trial_collects_children_links_and_data_md5s(store):
+    t = reproduce.load_trial(store["client"], "lr-small", "s")
+    assert t.stage_runs == {"evaluate": store["evaluate"], "train-round-1": store["round1"],
+                            "download": store["cached"]}
+    assert t.data_md5s == {"data/raw": "d" * 32 + ".dir"}
+
+
+def test_restored_params_come_from_the_evaluate_run_and_match_logged_params(store):
+    t = reproduce.load_trial(store["client"], store["trial"], "s")
+    raw = reproduce.restored_params(store["client"], t)
+    assert raw == {"seed": 42, "rounds": {"r2": {"lr": [0.0001, 0.001]}}}
+    assert reproduce.params_mismatch(raw, t) == []
+    assert reproduce.params_mismatch({**raw, "seed": 7}, t) == ["seed"]
+
+
+def trial_with(tags: dict) -> reproduce.Trial:
+    return reproduce.Trial("r" * 32, "t", {"git.commit": "c" * 40, **tags}, {}, {})
+
+
+def test_dirty_tree_warning_names_what_cannot_be_restored():
+    assert reproduce.code_warning(trial_with({"git.dirty": "False"})) is None
+    # `dvc exp run -S` changes only params.yaml, which reproduce restores from the run
+    assert reproduce.code_warning(trial_with({"git.dirty": "True",
+                                              "git.changed": "params.yaml"})) is None
+    msg = reproduce.code_warning(trial_with({"git.dirty": "True",
+                                             "git.changed": "params.yaml, src/chexops/train.py"}))
+    assert "dirty git tree" in msg and "src/chexops/train.py" in msg
+    assert "params.yaml" not in msg.split("changes to")[1].split(" were")[0]
+    assert "unknown files" in reproduce.code_warning(trial_with({"git.dirty": "True"}))
+
+
+# ---------------------------------------------------------------- the verdict
+
+def verdict(old_m, new_m, old_w=None, new_w=None, old_d=None, new_d=None, tol=0.01):
+    return reproduce.compare(old_m, new_m, old_w or {}, new_w or {}, old_d or {}, new_d or {}, tol)
+
+
+def test_verdicts_identical_within_tolerance_and_different():
+    same = verdict({"auroc": 0.8}, {"auroc": 0.8}, {"r1": "h"}, {"r1": "h"}, {"d": "m"}, {"d": "m"})
+    assert same.verdict == "identical"
+    near = verdict({"auroc": 0.8}, {"auroc": 0.805}, {"r1": "h"}, {"r1": "x"})
+    assert near.verdict == "within tolerance"
+    assert ("weights r1", "h", "x", "DIFFERS") in near.rows
+    assert verdict({"auroc": 0.8}, {"auroc": 0.85}).verdict == "different"
+    assert verdict({"auroc": 0.8}, {}).verdict == "different"  # a metric went missing
+    # derived data must match exactly even when the metrics are close
+    assert verdict({"a": 1.0}, {"a": 1.0}, old_d={"d": "m"}, new_d={"d": "n"}).verdict == "different"
+    # the tolerance scales with large values (counts, losses)
+    assert verdict({"n": 200.0}, {"n": 201.0}).verdict == "within tolerance"
+
+
+def test_unrecorded_weights_are_shown_not_judged_and_table_states_tolerance():
+    c = verdict({"a": 1.0}, {"a": 1.0}, {"r1": None}, {"r1": "h"})
+    assert c.verdict == "identical"
+    text = reproduce.format_comparison(verdict({"a": 1.0}, {"a": 1.001}), "o" * 32, "n" * 32, 0.01)
+    assert "verdict: WITHIN TOLERANCE" in text and "0.01 x max(1, |old|)" in text
+    assert "trial oooooooooooo" in text and "reproduction nnnnnnnnnnnn" in text
+
+
+def test_tensor_hash_ignores_file_metadata_but_not_values(tmp_path):
+    from safetensors.torch import save_file
+
+    t = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)}
+    save_file(t, str(tmp_path / "a.safetensors"), metadata={"run": "1"})
+    save_file(t, str(tmp_path / "b.safetensors"), metadata={"run": "2"})
+    save_file({**t, "b": torch.tensor([0.0, 1e-7])}, str(tmp_path / "c.safetensors"))
+    a, b, c = (reproduce.tensor_hash(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert a == b != c
+
+
+# ---------------------------------------------------------------- data by md5 (remote.py)
+
+def fake_cache(tmp_path: Path) -> tuple[Path, str]:
+    cache = tmp_path / "cache"
+    files = {"chexpert.zip": b"zip bytes", "synthetic_truth.parquet": b"truth"}
+    entries = []
+    for rel, data in files.items():
+        md5 = hashlib.md5(data).hexdigest()
+        remote.object_path(cache, md5).parent.mkdir(parents=True, exist_ok=True)
+        remote.object_path(cache, md5).write_bytes(data)
+        entries.append({"md5": md5, "relpath": rel})
+    manifest = json.dumps(entries).encode()
+    dir_md5 = hashlib.md5(manifest).hexdigest() + ".dir"
+    remote.object_path(cache, dir_md5).parent.mkdir(parents=True, exist_ok=True)
+    remote.object_path(cache, dir_md5).write_bytes(manifest)
+    return cache, dir_md5
+
+
+def test_cache_lookup_and_materialise(tmp_path):
+    cache, dir_md5 = fake_cache(tmp_path)
+    assert remote.in_cache(cache, dir_md5)
+    remote.copy_from_cache(cache, dir_md5, tmp_path / "ws/data/raw")
+    assert (tmp_path / "ws/data/raw/chexpert.zip").read_bytes() == b"zip bytes"
+    assert not remote.in_cache(cache, "0" * 32 + ".dir")
+    # a manifest whose files are gone is not "in the cache"
+    entries = remote.dir_entries(cache, dir_md5)
+    remote.object_path(cache, entries[0]["md5"]).unlink()
+    assert not remote.in_cache(cache, dir_md5)
+
+
+def test_manifest_escaping_its_directory_is_refused_and_nothing_written(tmp_path):
+    cache, _ = fake_cache(tmp_path)
+    evil = json.dumps([{"md5": "a" * 32, "relpath": "../../etc/x"}]).encode()
+    md5 = "e" * 32 + ".dir"
+    remote.object_path(cache, md5).parent.mkdir(parents=True, exist_ok=True)
+    remote.object_path(cache, md5).write_bytes(evil)
+    with pytest.raises(ChexopsError, match="escapes its directory"):
+        remote.copy_from_cache(cache, md5, tmp_path / "out/raw")
+    assert not (tmp_path / "out/raw").exists() and not list((tmp_path / "out").iterdir())
+
+
+def test_dir_differences_names_the_changed_file(tmp_path):
+    cache, old = fake_cache(tmp_path)
+    entries = remote.dir_entries(cache, old)
+    entries[0] = {"md5": "f" * 32, "relpath": entries[0]["relpath"]}
+    new = "1" * 32 + ".dir"
+    remote.object_path(cache, new).parent.mkdir(parents=True, exist_ok=True)
+    remote.object_path(cache, new).write_text(json.dumps(entries))
+    assert remote.dir_differences(cache, old, new) == ["chexpert.zip"]
+    assert remote.dir_differences(cache, old, "2" * 32 + ".dir") == []
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("ERROR: failed to fetch: config file error: no remote specified", "no DVC remote is configured"),
+    ("botocore.exceptions.ClientError: InvalidAccessKeyId", "rejected the credentials"),
+    ("Cannot connect to host 127.0.0.1:1 ssl:default [Connection refused]", "is unreachable"),
+    ("The specified bucket does not exist (NoSuchBucket)", "bucket that does not exist"),
+    ("WARNING: Some of the cache files do not exist neither locally nor on remote. Missing cache "
+     "files:", "not in the DVC remote"),
+    ("something else entirely", "run the dvc command by hand"),
+])
+def test_dvc_errors_become_one_line_with_a_fix(output, expected):
+    msg = remote.explain_dvc_error(output, "team")
+    assert expected in msg and ";" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- the command, refusing early
+
+def chexops(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "chexops"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_unknown_run_and_missing_store_leaving_no_workspace(store, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = pipeline_env()
+    proc = chexops(["reproduce", "no-such-trial", "--workdir", str(work)], repo, env)
+    assert proc.returncode == 2
+    assert "no MLflow store at" in proc.stderr and "MLFLOW_TRACKING_URI" in proc.stderr
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store['tmp'] / 'mlflow.db'}"
+    proc = chexops(["reproduce", "no-such-trial", "--workdir", str(work)], repo, env)
+    assert proc.returncode == 2
+    assert "no trial run or DVC experiment named 'no-such-trial'" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line
+    # the trial's commit 'abc' is not in any repository here
+    proc = chexops(["reproduce", store["trial"], "--workdir", str(work)], repo, env)
+    assert proc.returncode == 2 and "of the trial is not in" in proc.stderr
+    assert list(work.iterdir()) == []
+    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    proc = chexops(["reproduce", store["trial"]], repo, env)
+    assert proc.returncode == 2 and "is unreachable" in proc.stderr
+
+
+# ---------------------------------------------------------------- the reduced pipeline, end to end
+
+def synthetic_zip(dest: Path) -> Path:
+    """A CheXpert-v1.0-small zip from the project's own synthetic generator (reduced size)."""
+    from chexops.config import params_from_dict
+    from chexops.data.synthetic import generate_zip
+
+    params = params_from_dict(reduced_params())
+    generate_zip(params.data.synthetic, params.seed, dest / "chexpert-small.zip",
+                 dest / "truth.parquet")
+    return dest / "chexpert-small.zip"
+
+
+def change_one_image(src: Path, dest: Path) -> str:
+    """Copy the zip, flipping one byte-run of the first JPEG's data (still a readable file)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        names = zin.namelist()
+        victim = next(n for n in names if n.endswith(".jpg"))
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == victim:
+                data = data[:-200] + bytes(b ^ 0x01 for b in data[-200:-2]) + data[-2:]
+            zout.writestr(info, data)
+    return victim
+
+
+@pytest.fixture(scope="module")
+def trial_repo(tmp_path_factory) -> dict:
+    """A reduced repo whose data comes from a local zip, after one `dvc repro` (one trial)."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    source = synthetic_zip(tmp)
+    params = reduced_params({"runtime": {"threads": 1}, "data": {"source": str(source)},
+                             "train": {"max_batches": 3}})
+    repo = make_repo_copy(tmp / "repo", params)
+    env = pipeline_env()
+    run(["dvc", "repro"], repo, env)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("chexops")
+    trials = client.search_runs([exp.experiment_id], "tags.`chexops.trial` = 'true'")
+    assert len(trials) == 1
+    return {"repo": repo, "source": source, "trial": trials[0].info.run_id, "env": env,
+            "client": client, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_reproduce_gives_identical_metrics_and_weights(trial_repo):
+    repo, env = trial_repo["repo"], trial_repo["env"]
+    lock_before = (repo / "dvc.lock").read_bytes()
+    weights_before = (repo / "models/round-5/best.safetensors").read_bytes()
+    proc = run([str(VENV_BIN / "chexops"), "reproduce", trial_repo["trial"]], repo, env,
+               timeout=900)
+    out = proc.stdout
+    print(out)  # the side-by-side table, shown with -s or on failure
+    assert "verdict: IDENTICAL" in out, out + proc.stderr
+    for k in range(1, 6):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"weights train-round-{k}"))
+        assert line.split()[-1] == "same", line
+    assert any(ln.startswith("evaluate.") and ln.split()[-1] == "same" for ln in out.splitlines())
+    assert "data/raw at the recorded md5 (DVC cache)" in proc.stderr
+    # the user's workspace is untouched; the reproduction is a new trial tagged with the old one
+    assert (repo / "dvc.lock").read_bytes() == lock_before
+    assert (repo / "models/round-5/best.safetensors").read_bytes() == weights_before
+    client = trial_repo["client"]
+    exp = client.get_experiment_by_name("chexops")
+    again = client.search_runs([exp.experiment_id],
+                               f"tags.`chexops.reproduces` = '{trial_repo['trial']}'")
+    assert len(again) == 1
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_when_one_image_changed_and_data_is_not_cached(trial_repo):
+    """A fresh clone (no DVC cache, no remote) whose local zip had one image modified."""
+    repo, tmp = trial_repo["repo"], trial_repo["tmp"]
+    clone = tmp / "clone"
+    env = {**trial_repo["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp, env)
+    original = trial_repo["source"].read_bytes()
+    victim = change_one_image(trial_repo["source"], tmp / "changed.zip")
+    with zipfile.ZipFile(trial_repo["source"]) as a, zipfile.ZipFile(tmp / "changed.zip") as b:
+        assert a.namelist() == b.namelist()  # same layout, exactly one image's bytes differ
+        assert [n for n in a.namelist() if a.read(n) != b.read(n)] == [victim]
+    work = tmp / "work"
+    work.mkdir()
+    try:
+        shutil.copyfile(tmp / "changed.zip", trial_repo["source"])
+        proc = subprocess.run([str(VENV_BIN / "chexops"), "reproduce", trial_repo["trial"],
+                               "--workdir", str(work)], cwd=clone, env=env, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        trial_repo["source"].write_bytes(original)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("chexops reproduce: error: data/raw: the data differs from the trial's")
+    assert "no DVC remote is configured" in last and str(trial_repo["source"]) in last
+    assert list(work.iterdir()) == []  # the refused workspace is gone
+    assert "verdict" not in proc.stdout  # refused before any training
+
+
+# ---------------------------------------------------------------- workspace and source data (toy DVC repo)
+
+def toy_repo(tmp_path: Path, source: Path) -> tuple[Path, str, str]:
+    """git + DVC repo whose only source stage copies `source` into data/raw; (repo, commit, md5)."""
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    env = pipeline_env()
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run([str(VENV_BIN / "dvc"), "init", "-q"], repo, env)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "download": {"cmd": f"mkdir -p data/raw && cp {source} data/raw/chexpert.zip",
+                     "outs": ["data/raw"]},
+        "clean": {"cmd": "cp data/raw/chexpert.zip clean.bin", "deps": ["data/raw/chexpert.zip"],
+                  "outs": ["clean.bin"]}}}))
+    run([str(VENV_BIN / "dvc"), "repro", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "toy"], repo, env)
+    commit = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    return repo, commit, reproduce.lock_md5s(repo)["data/raw"]
+
+
+def test_workspace_restores_source_data_from_cache_or_rederives_it_or_refuses(tmp_path):
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, commit, md5 = toy_repo(tmp_path, source)
+    trial = trial_with({"data.md5.data/raw": md5})
+    env = pipeline_env()
+    assert reproduce.source_stages(repo) == {"download": ["data/raw"]}
+
+    ws = tmp_path / "ws1"
+    reproduce.make_workspace(repo, commit, ws)
+    cache = reproduce.share_dvc_config(repo, ws)
+    assert cache == remote.cache_dir(repo) and remote.in_cache(cache, md5)
+    assert reproduce.restore_data(ws, trial, cache, env, str(source)) == {"data/raw": "DVC cache"}
+    assert (ws / "data/raw/chexpert.zip").read_bytes() == b"original images"
+
+    shutil.rmtree(cache)  # a teammate without the cache and without a remote
+    ws2 = tmp_path / "ws2"
+    reproduce.make_workspace(repo, commit, ws2)
+    reproduce.share_dvc_config(repo, ws2)
+    how = reproduce.restore_data(ws2, trial, cache, env, str(source))
+    assert how == {"data/raw": "re-derived by download, same md5"}
+
+    shutil.rmtree(cache)
+    source.write_bytes(b"original images, one changed")
+    ws3 = tmp_path / "ws3"
+    reproduce.make_workspace(repo, commit, ws3)
+    reproduce.share_dvc_config(repo, ws3)
+    with pytest.raises(ChexopsError) as err:
+        reproduce.restore_data(ws3, trial, cache, env, str(source))
+    msg = str(err.value)
+    assert msg.startswith(f"data/raw: the data differs from the trial's")
+    assert md5 in msg and str(source) in msg and "no DVC remote is configured" in msg
+    assert "\n" not in msg
+    # the user's repository was never touched
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""
+    assert not (repo / "data/raw/chexpert.zip").read_bytes().endswith(b"changed")
+
+
+def test_rerun_forces_every_stage_below_the_source_and_not_the_source(tmp_path):
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"x")
+    repo, commit, md5 = toy_repo(tmp_path, source)
+    source.unlink()  # the source stage must not run again
+    (repo / "clean.bin").unlink()
+    reproduce.rerun(repo, pipeline_env())
+    assert (repo / "clean.bin").read_bytes() == b"x"
+
+
+def test_unknown_commit_is_refused(tmp_path):
+    source = tmp_path / "s"
+    source.write_bytes(b"x")
+    repo, _, _ = toy_repo(tmp_path, source)
+    with pytest.raises(ChexopsError, match=r"commit 0123456789ab of the trial is not in .*; "
+                                           r"`git fetch` the branch"):
+        reproduce.make_workspace(repo, "0123456789ab" * 3 + "0123", tmp_path / "ws")
+    assert not (tmp_path / "ws").exists()

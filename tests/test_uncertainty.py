@@ -1,0 +1,153 @@
+"""uncertainty.py and its use by training/inference: the five CheXpert uncertainty approaches
+and multi-label training, on tiny fake data (resnet18, 32 px; fixtures of the stage tests)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from chexops import paths
+from chexops.config import ConfigError
+from chexops.errors import ChexopsError
+from chexops.stages import train_round as stage
+from chexops.train import masked_bce
+from chexops.uncertainty import OutputCoding, encode_labels, output_coding, relabel
+from tests.test_train_round_stage import frame, params, root, runs  # noqa: F401 (fixtures)
+
+torch.set_num_threads(1)
+RAW = np.array([[1], [0], [-1], [np.nan]], dtype=np.float32)
+
+
+def policy(name: str, **clean):
+    return params(clean={"uncertainty": {"Cardiomegaly": name}, **clean})
+
+
+@pytest.mark.parametrize("name, labels, mask", [
+    ("ignore", [1, 0, 0, 0], [1, 1, 0, 0]),
+    ("zeros", [1, 0, 0, 0], [1, 1, 1, 0]),
+    ("ones", [1, 0, 1, 0], [1, 1, 1, 0]),
+    ("multiclass", [1, 0, 2, 0], [1, 1, 1, 0]),       # uncertain is class 2
+    ("selftrained", [1, 0, 0, 0], [1, 1, 0, 0]),      # masked until the teacher relabels
+])
+def test_encode_labels_per_policy(name, labels, mask):
+    extra = {"teacher": "t.safetensors"} if name == "selftrained" else {}
+    y, m = encode_labels(policy(name, **extra), RAW)
+    assert y[:, 0].tolist() == labels and m[:, 0].astype(int).tolist() == mask
+
+
+def test_multiclass_probability_is_pos_over_pos_plus_neg():
+    coding = OutputCoding(("binary", "multiclass"))
+    assert coding.n_outputs == 4 and coding.to_str() == "binary,multiclass"
+    logits = np.array([[0.3, 1.0, 2.0, 5.0], [-1.0, -2.0, 0.5, -3.0]])
+    p = coding.probs(logits)
+    soft = np.exp(logits[:, 1:]) / np.exp(logits[:, 1:]).sum(1, keepdims=True)
+    np.testing.assert_allclose(p[:, 1], soft[:, 1] / (soft[:, 1] + soft[:, 0]))
+    np.testing.assert_allclose(p[:, 0], 1 / (1 + np.exp(-logits[:, 0])))
+
+
+def test_coded_loss_matches_bce_and_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    labels = torch.tensor([[1, 0], [0, 1], [1, 2], [0, 2], [1, 1], [0, 0]], dtype=torch.float32)
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[5, 1] = False
+    got = OutputCoding(("binary", "multiclass")).loss(logits, labels, mask, None)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels[:, 0],
+                                                               reduction="sum")
+    ce = torch.nn.functional.cross_entropy(logits[:5, 1:], labels[:5, 1].long(), reduction="sum")
+    assert got.item() == pytest.approx(((bce + ce) / 11).item(), rel=1e-6)
+    binary = OutputCoding(("binary",))
+    assert binary.loss(logits[:, :1], labels[:, :1], mask[:, :1], 2.0).item() == pytest.approx(
+        masked_bce(logits[:, :1], labels[:, :1], mask[:, :1], 2.0).item(), rel=1e-6)
+
+
+def test_relabel_soft_and_hard():
+    p = policy("selftrained", teacher="t")
+    y, m = encode_labels(p, RAW)
+    teacher = np.array([[0.9], [0.9], [0.7], [0.9]], dtype=np.float32)
+    soft_y, soft_m = relabel(y, m, RAW, teacher, [0], "soft")
+    hard_y, _ = relabel(y, m, RAW, teacher, [0], "hard")
+    assert soft_y[:, 0].tolist() == pytest.approx([1, 0, 0.7, 0]) and soft_m[2, 0]
+    assert hard_y[:, 0].tolist() == [1, 0, 1, 0] and not soft_m[3, 0]
+
+
+def with_uncertain(root, rows=(1, 4, 7)):
+    """Make some training labels uncertain (-1), as clean keeps them for these policies."""
+    train = pd.read_parquet(root / paths.RESAMPLED_TRAIN)
+    train.loc[list(rows), "Cardiomegaly"] = -1
+    train.to_parquet(root / paths.RESAMPLED_TRAIN)
+    return train
+
+
+def test_multiclass_round_trains_a_three_way_head_and_predicts_pos_probability(root, runs):
+    from chexops.inference import predict_frame
+
+    with_uncertain(root)
+    p = policy("multiclass")
+    stage.main(p, root, 1)
+    weights = root / paths.round_weights(1)
+    with safe_open(str(weights), framework="pt") as fh:
+        assert fh.metadata()["coding"] == "multiclass"
+        assert fh.get_tensor("head.8.weight").shape[0] == 3      # neg / pos / uncertain
+    valid = pd.read_parquet(root / paths.RESAMPLED_VALID)
+    probs = predict_frame(p, weights, valid, root / paths.RAW_ZIP, root)
+    assert probs.shape == (8, 1) and ((probs > 0) & (probs < 1)).all()
+    metrics = json.loads((root / paths.round_metrics(1)).read_text())
+    from chexops.metrics import binary_metrics
+    assert binary_metrics(valid["Cardiomegaly"], probs[:, 0])["confusion"] == metrics["confusion"]
+
+
+def test_selftrained_round_relabels_with_the_teacher_and_logs_it(root, runs, tmp_path):
+    stage.main(params(), root, 1)                       # a U-Zeros trial: the teacher
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(root / paths.round_weights(1), teacher)
+    train = with_uncertain(root)
+    p = policy("selftrained", teacher=str(teacher), teacher_labels="soft")
+    data, identity = stage.train_set(p, root, train, torch.device("cpu"))
+    soft = data.labels[[1, 4, 7], 0]
+    assert data.mask[[1, 4, 7], 0].all() and ((soft > 0) & (soft < 1)).all()
+    assert identity["teacher"] == str(teacher) and len(identity["teacher_md5"]) == 32
+    hard, _ = stage.train_set(policy("selftrained", teacher=str(teacher), teacher_labels="hard"),
+                              root, train, torch.device("cpu"))
+    assert hard.labels[[1, 4, 7], 0].tolist() == (soft >= 0.5).astype(float).tolist()
+    stage.main(p, root, 1)
+    run = runs[-1][0]
+    assert run.params["teacher"] == str(teacher)
+    meta = json.loads((root / paths.round_meta(1)).read_text())
+    assert meta["teacher"]["teacher_relabelled"] == "3"
+    assert meta["params"]["teacher"] == [str(teacher), "soft"]
+
+
+def test_missing_teacher_is_a_clear_error(root):
+    with pytest.raises(ConfigError, match="selftrained needs a teacher; set clean.teacher"):
+        policy("selftrained")
+    p = policy("selftrained", teacher="nowhere/best.safetensors")
+    with pytest.raises(ChexopsError, match="clean.teacher: weights nowhere/best.safetensors "
+                                           "not found"):
+        stage.main(p, root, 1)
+    assert not (root / paths.round_dir(1)).exists()
+
+
+def test_multi_label_round_reports_each_target_and_selects_by_mean_auroc(root, runs):
+    for split in (paths.RESAMPLED_TRAIN, paths.RESAMPLED_VALID):
+        df = pd.read_parquet(root / split)
+        df["Edema"] = np.array([(i // 2) % 2 for i in range(len(df))], dtype=np.int8)
+        df.to_parquet(root / split)
+    p = params(targets=["Cardiomegaly", "Edema"],
+               clean={"uncertainty": {"Cardiomegaly": "multiclass"}})  # mixed heads too
+    assert output_coding(p).n_outputs == 4
+    stage.main(p, root, 1)
+    metrics = json.loads((root / paths.round_metrics(1)).read_text())
+    per = metrics["targets"]
+    assert set(per) == {"Cardiomegaly", "Edema"}
+    assert metrics["auroc"] == pytest.approx(np.mean([m["auroc"] for m in per.values()]))
+    history = pd.read_csv(root / "plots/round-1/history.csv")
+    assert metrics["auroc"] == pytest.approx(history["auroc"].max())   # best = max mean AUROC
+    assert runs[0][0].figures == ["confusion-Cardiomegaly.png", "confusion-Edema.png"]
+    logged = {k: v for step, m in runs[0][0].metrics if step is None for k, v in m.items()}
+    assert logged["best.Edema.auroc"] == pytest.approx(per["Edema"]["auroc"])

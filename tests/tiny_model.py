@@ -1,0 +1,48 @@
+"""A tiny trained-looking model for predict/registry/serve tests: resnet18 at 32 px, random
+weights saved the way a training round saves them (safetensors + arch/targets metadata)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def tiny_params(tmp_path: Path, **evaluate):
+    """The repo's params with a resnet18 at 32 px; the MLflow store lands in tmp_path."""
+    from chexops.config import params_from_dict
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"]["arch"] = "resnet18"
+    raw["train"]["image_size"] = SIZE
+    raw["runtime"]["threads"] = 1
+    raw["evaluate"].update(evaluate)
+    return params_from_dict(raw)
+
+
+def tiny_weights(tmp_path: Path, params, seed: int = 0) -> Path:
+    import torch
+
+    from chexops.model import build_model, save_weights
+
+    torch.manual_seed(seed)
+    model = build_model(params.model, len(params.targets)).eval()
+    path = tmp_path / "best.safetensors"
+    save_weights(model, path, {"arch": params.model.arch, "targets": ",".join(params.targets)})
+    return path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def radiograph(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)
