@@ -18,7 +18,17 @@ COVERED = {
     "dvc exp show": "tests.test_pipeline_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
     "dvc plots show": "tests.test_pipeline_e2e:test_plots_show_renders",
     "cp profiles/chexpert-seed.yaml params.yaml": "tests.test_config:test_seed_profile_is_the_seed_studys_recipe",
-    "export CHEXPERT_URL=": "tests.test_download:test_url_source_reads_env_and_redacts",
+    "export CHEXPERT_URL=": "tests.test_download:test_url_download_verifies_checksum_and_redacts_the_token",
+    "chexops compare": "tests.test_compare:test_compare_by_experiment_name_finds_the_better_trial",
+    "chexops predict": "tests.test_predict:test_cli_prints_csv_and_json_and_writes_heatmaps",
+    "chexops champion": "tests.test_registry:test_champion_command_and_unknown_model",
+    "mlflow models serve": "tests.test_serve:test_served_champion_answers_rest_invocations",
+    "chexops reproduce": "tests.test_reproduce:test_reproduce_gives_identical_metrics_and_weights",
+    "chexops lr-find": "tests.test_lr_find:test_lr_find_command_writes_the_plot_and_prints_the_suggestion",
+    "dvc exp run --queue": "tests.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
+    "dvc queue start": "tests.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
+    "dvc push": "tests.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
+    "dvc pull": "tests.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
 }
 
 
