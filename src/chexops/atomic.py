@@ -62,8 +62,20 @@ def write_parquet(path: str | Path, df: Any) -> None:
 
 
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    """Save tensors as safetensors with a canonical header, so equal weights give equal bytes.
 
+    safetensors writes its metadata from a hash map in arbitrary order; the header is
+    re-serialised with sorted keys (data offsets are relative to the data block, so they hold).
+    """
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data block 8-byte aligned, as safetensors does
     with atomic_path(path, ".safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        with open(tmp, "wb") as fh:
+            fh.write(len(text).to_bytes(8, "little"))
+            fh.write(text)
+            fh.write(memoryview(raw)[8 + header_len:])
