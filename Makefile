@@ -7,7 +7,7 @@ STAMP := $(VENV)/.chexops-installed
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PORT ?= 5000
 
-.PHONY: setup repro test test-fast ui bench clean-outputs
+.PHONY: setup repro test test-fast ui bench
 
 setup: $(STAMP)
 
@@ -32,3 +32,6 @@ ui: setup
 bench: setup
 	$(RUN) $(BIN)/python benchmarks/data_bench.py
 	$(RUN) $(BIN)/python benchmarks/train_bench.py
+	$(RUN) $(BIN)/python benchmarks/loader_bench.py
+	$(RUN) $(BIN)/python benchmarks/dvc_bench.py
+	$(RUN) $(BIN)/python benchmarks/pipeline_bench.py
