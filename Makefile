@@ -30,8 +30,9 @@ ui: setup
 	$(RUN) chexops ui --port $(PORT)
 
 bench: setup
-	$(RUN) $(BIN)/python benchmarks/data_bench.py
+	$(RUN) $(BIN)/python benchmarks/data_bench.py --scale chexpert
 	$(RUN) $(BIN)/python benchmarks/train_bench.py
 	$(RUN) $(BIN)/python benchmarks/loader_bench.py
 	$(RUN) $(BIN)/python benchmarks/dvc_bench.py
 	$(RUN) $(BIN)/python benchmarks/pipeline_bench.py
+	$(RUN) $(BIN)/python benchmarks/stats_bench.py
