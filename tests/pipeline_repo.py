@@ -31,7 +31,7 @@ REDUCED = {
         "r4": {"epochs": 1, "freeze": True, "lr": 1.0e-3, "resample": {"seed": 4, "size": 120}},
         "r5": {"epochs": 1, "freeze": False, "lr": [1.0e-5, 1.0e-4]},
     },
-    "evaluate": {"bootstrap": 200},
+    "evaluate": {"bootstrap": 1000},   # config refuses fewer (unstable CIs)
 }
 
 

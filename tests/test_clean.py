@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 
 from chexops.data import clean
 from chexops.errors import ChexopsError
-from tests.helpers import chexpert_rows, csv_text, make_params, write_chexpert_zip
+from tests.helpers import chexpert_rows, csv_text, jpeg_bytes, make_params, write_chexpert_zip
 
 
 def repo_with(tmp_path, **kw):
@@ -138,3 +139,22 @@ def test_filters_that_leave_nothing_are_an_error(tmp_path, stage_runs):
     with pytest.raises(ChexopsError, match="no train rows left"):
         clean.main(make_params({"clean": {"age_min": 200}}), root)
     assert_nothing_written(root)
+
+
+@pytest.mark.parametrize("check", ["header", "full"])
+def test_full_image_check_drops_truncated_jpegs(tmp_path, stage_runs, check):
+    train, valid = chexpert_rows(train_patients=60)
+    victim = train["Path"].iloc[5]
+    root = repo_with(tmp_path, train=train, valid=valid, skip_images=(victim,))
+    whole = jpeg_bytes(5, 200, 160)
+    with zipfile.ZipFile(root / "data/raw/chexpert.zip", "a") as zf:
+        zf.writestr(victim, whole[: len(whole) // 2])
+    clean.main(make_params({"clean": {"max_bad_fraction": 0.05, "image_check": check}}), root)
+    df = pd.read_parquet(root / "data/clean/labels.parquet")
+    report = pd.read_csv(root / "data/clean/bad_images.csv")
+    if check == "header":      # the fast check cannot see a truncated body (training would say so)
+        assert victim in set(df["Path"]) and report.empty
+    else:
+        assert victim not in set(df["Path"]) and list(report["Path"]) == [victim]
+        assert report["reason"].iloc[0] == "undecodable (truncated or corrupt)"
+        assert len(df) == len(train) + len(valid) - 1

@@ -8,7 +8,7 @@ import pytest
 
 from chexops.data.images import check_images, check_member_path, load_image_array, open_zip_images
 from chexops.errors import ChexopsError
-from tests.helpers import chexpert_rows, write_chexpert_zip
+from tests.helpers import chexpert_rows, jpeg_bytes, write_chexpert_zip
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "CheXpert-v1.0-small/../../x.jpg", "..\\x.jpg",
@@ -76,3 +76,44 @@ def test_stale_cache_is_rebuilt_when_the_zip_changes(tmp_path):
         zf.writestr("CheXpert-v1.0-small/extra.txt", b"x")
     b = load_image_array(z, paths, 8, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 2 and np.array_equal(a, b)
+
+
+def truncated_zip(tmp_path):
+    """A CheXpert zip whose first train image is a JPEG cut in half: header intact, data short."""
+    train, valid = chexpert_rows()
+    victim = train["Path"][0]
+    z = write_chexpert_zip(tmp_path / "t.zip", train, valid, skip_images=(victim,))
+    whole = jpeg_bytes(0, 200, 160)
+    with zipfile.ZipFile(z, "a") as zf:
+        zf.writestr(victim, whole[: len(whole) // 2])
+    return z, victim, list(train["Path"]) + list(valid["Path"])
+
+
+def test_truncated_jpeg_passes_the_header_check_but_reads_as_a_one_line_error(tmp_path):
+    z, victim, _ = truncated_zip(tmp_path)
+    assert check_images(z, [victim]) == []            # the fast check cannot see it
+    with open_zip_images(z) as zi:
+        for size in (None, 16):
+            with pytest.raises(ChexopsError) as info:
+                zi.read(victim, size)
+            msg = str(info.value)
+            assert msg.startswith(f"{victim} in {z} cannot be decoded (OSError: ")
+            assert "truncated or corrupt; set clean.image_check: full and re-run `dvc repro clean`" in msg
+            assert "remove the file from the data source" in msg and "\n" not in msg
+            assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_jpeg_stops_the_image_cache_leaving_no_file(tmp_path, workers):
+    z, victim, paths = truncated_zip(tmp_path)
+    cache = tmp_path / "cache"
+    with pytest.raises(ChexopsError, match=f"{victim} in .* cannot be decoded"):
+        load_image_array(z, paths * 30, 16, cache, workers=workers)
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_garbage_member_is_a_chexops_error_too(tmp_path):
+    train, valid = chexpert_rows()
+    z = write_chexpert_zip(tmp_path / "c.zip", train, valid, corrupt_images=(train["Path"][1],))
+    with open_zip_images(z) as zi, pytest.raises(ChexopsError, match="UnidentifiedImageError"):
+        zi.read(train["Path"][1])

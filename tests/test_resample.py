@@ -16,21 +16,36 @@ from tests.helpers import chexpert_rows, make_params
 N_TRAIN, POS, NEG, UNC, BLANK = 223_414, 27_000, 11_116, 8_087, 177_211
 
 
+N_VALID = 234     # the real valid.csv
+
+
+def chexpert_csv(split: str, cardio: np.ndarray, patient: np.ndarray) -> pd.DataFrame:
+    paths = [f"CheXpert-v1.0-small/{split}/patient{p:05d}/study1/view{i % 3 + 1}_frontal.jpg"
+             for i, p in enumerate(patient)]
+    other = {c: "" if split == "train" else "0.0" for c in clean.OBSERVATIONS if c != "Cardiomegaly"}
+    csv = pd.DataFrame({"Path": paths, "Sex": "Female", "Age": 60, "Frontal/Lateral": "Frontal",
+                        "AP/PA": "AP", **other, "Cardiomegaly": cardio})[list(clean.CSV_COLUMNS)]
+    return clean.parse_csv(csv.to_csv(index=False).encode(), f"{split}.csv")
+
+
 @pytest.fixture(scope="module")
-def chexpert_scale_train():
-    """A train.csv with CheXpert's row count and Cardiomegaly mix, through clean's parsing + U-Zeros."""
+def chexpert_scale_labels():
+    """CheXpert's row counts through clean's parsing + U-Zeros: a train.csv with the real
+    Cardiomegaly mix, and 234 expert-labelled (0/1) valid rows of patients not in train."""
     assert POS + NEG + UNC + BLANK == N_TRAIN
     rng = np.random.default_rng(0)
     cardio = np.array(["1.0"] * POS + ["0.0"] * NEG + ["-1.0"] * UNC + [""] * BLANK)[rng.permutation(N_TRAIN)]
-    patient = np.arange(N_TRAIN) // 3 + 1
-    paths = [f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view{i % 3 + 1}_frontal.jpg"
-             for i, p in enumerate(patient)]
-    other = {c: "" for c in clean.OBSERVATIONS if c != "Cardiomegaly"}
-    csv = pd.DataFrame({"Path": paths, "Sex": "Female", "Age": 60, "Frontal/Lateral": "Frontal",
-                        "AP/PA": "AP", **other, "Cardiomegaly": cardio})[list(clean.CSV_COLUMNS)]
-    train = clean.parse_csv(csv.to_csv(index=False).encode(), "train.csv")
-    return clean.apply_policies(clean.combine(train, train.iloc[:0], "CheXpert-v1.0-small"),
-                                make_params())
+    train_patients = np.arange(N_TRAIN) // 3 + 1
+    train = chexpert_csv("train", cardio, train_patients)
+    valid_patients = train_patients.max() + 1 + np.arange(N_VALID) // 3
+    valid = chexpert_csv("valid", rng.choice(["1.0", "0.0"], N_VALID, p=[0.29, 0.71]), valid_patients)
+    return clean.apply_policies(clean.combine(train, valid, "CheXpert-v1.0-small"), make_params())
+
+
+@pytest.fixture(scope="module")
+def chexpert_scale_train(chexpert_scale_labels):
+    df = chexpert_scale_labels
+    return df[~df["valid"]].reset_index(drop=True)
 
 
 def test_input_has_the_seed_counts(chexpert_scale_train):
@@ -111,3 +126,28 @@ def test_patients_crossing_splits_are_refused(tmp_path, stage_runs):
 def test_missing_labels_names_the_fix(tmp_path):
     with pytest.raises(ChexopsError, match="run `dvc repro clean` first"):
         resample.main(make_params(), tmp_path)
+
+
+@pytest.mark.parametrize("strategy, fraction, rows, positive", [("oversample", 0.3, 117_848, None),
+                                                                ("undersample", 1.0, 54_000, 27_000)])
+def test_stage_on_chexpert_counts_keeps_the_234_valid_rows(tmp_path, stage_runs, chexpert_scale_labels,
+                                                           strategy, fraction, rows, positive):
+    labels = chexpert_scale_labels
+    assert int(labels["valid"].sum()) == N_VALID and int((~labels["valid"]).sum()) == N_TRAIN
+    assert not set(labels.loc[labels["valid"], "patient"]) & set(labels.loc[~labels["valid"], "patient"])
+    write_labels(tmp_path, labels)
+    resample.main(make_params({"resample": {"strategy": strategy, "fraction": fraction}}), tmp_path)
+    out_train = pd.read_parquet(tmp_path / "data/resampled/train.parquet")
+    out_valid = pd.read_parquet(tmp_path / "data/resampled/valid.parquet")
+    assert len(out_valid) == N_VALID
+    assert out_valid.equals(labels[labels["valid"]].reset_index(drop=True))   # untouched, same order
+    assert len(out_train) == rows and not out_train["valid"].any()
+    y = out_train["Cardiomegaly"]
+    if positive is None:
+        assert abs(y.mean() - 0.5) < 0.01
+    else:
+        assert (y == 1).sum() == positive
+    assert not set(out_train["patient"]) & set(out_valid["patient"])
+    metrics = json.loads((tmp_path / "metrics/resample.json").read_text())
+    assert metrics["train"]["rows"] == rows and metrics["valid"]["rows"] == N_VALID
+    assert metrics["before"]["rows"] == N_TRAIN

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -30,6 +31,20 @@ class ConfigError(ChexopsError, ValueError):
     """A params.yaml problem; the message names the key and the fix."""
 
 
+def redact_url(url: str) -> str:
+    """scheme://host/path only: drop user:password@, the query string and the fragment."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname or ""
+        if ":" in host:                    # IPv6 literal
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:                     # unparseable (bad port, bad brackets): show nothing of it
+        return "<unparseable URL>"
+    return urlunsplit((parts.scheme, host, parts.path, "***" if parts.query else "", ""))
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -45,6 +60,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    seed: int = 42                     # the generator's own seed (not the training `seed`)
     train_patients: int = 600
     valid_patients: int = 70
     studies_per_patient: float = 1.6   # mean, >= 1
@@ -52,16 +68,16 @@ class SyntheticConfig:
     width: int = 320
     height: int = 384
     jpeg_quality: int = 90
-    workers: int = 2
+    workers: int = 2                   # render processes; does not change the output
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"      # synthetic | url | a local CheXpert directory or .zip
     url_env: str = "CHEXPERT_URL"  # environment variable holding the (signed) URL
-    sha256: str = ""               # optional checksum of the downloaded zip
-    retries: int = 4
-    timeout_s: float = 60.0
+    sha256: str = ""               # optional checksum of the downloaded zip (64 hex digits)
+    retries: int = 4               # attempts in all for transient failures (0 counts as 1)
+    timeout_s: float = 60.0        # seconds to connect, and between bytes received
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -74,6 +90,7 @@ class CleanConfig:
     age_min: float | None = None
     age_max: float | None = None
     max_bad_fraction: float = 0.01
+    image_check: str = "header"    # header: fast marker check | full: decode every image (finds truncation)
     # issue 5: U-SelfTrained's teacher (weights path or MLflow URI) and its label kind
     teacher: str | None = None     # path/to/best.safetensors | runs:/<id>/... | models:/<name>@<alias>
     teacher_labels: str = "soft"   # soft: teacher probabilities | hard: thresholded at 0.5
@@ -97,12 +114,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Half-widths of the random draws; bounds in AUGMENT_BOUNDS (checked by _validate_recipe)."""
     preset: str = "none"           # none | lighting | light | custom
-    brightness: float = 0.0
-    contrast: float = 0.0
-    rotate_deg: float = 0.0
-    translate: float = 0.0
-    scale: float = 0.0
+    brightness: float = 0.0        # +- shift of [0, 1] intensities, 0..0.5
+    contrast: float = 0.0          # factor 1 +- this, 0..0.5
+    rotate_deg: float = 0.0        # +- degrees, 0..30
+    translate: float = 0.0         # +- fraction of the image side, 0..0.25
+    scale: float = 0.0             # zoom 1 +- this, 0..0.5
     hflip: bool = False
 
 
@@ -124,7 +142,7 @@ class TrainConfig:
     div: float = 25.0
     final_div: float = 1e4
     moms: tuple[float, float] = (0.95, 0.85)
-    pos_weight: float | None = None
+    pos_weight: float | None = None      # None, or > 0
     max_batches: int = 0                 # 0 = whole epoch; >0 caps batches per epoch (tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
@@ -147,9 +165,9 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    threshold: float = 0.5
-    target_sensitivity: float = 0.9
-    bootstrap: int = 1000
+    threshold: float = 0.5         # within (0, 1)
+    target_sensitivity: float = 0.9  # within (0, 1)
+    bootstrap: int = 1000          # resamples for the CIs, >= 1000
     tta: int = 0
     # issue 6: study-level metrics, Grad-CAM sample, model registry
     per_study: bool = False        # also report per-study metrics (max over a study's views)
@@ -308,6 +326,10 @@ def _validate(p: Params) -> None:
     need(p.clean.sex in ("all", "male", "female"),
          f"clean.sex: {p.clean.sex!r} must be all, male or female")
     need(0 <= p.clean.max_bad_fraction <= 1, "clean.max_bad_fraction: must be within [0, 1]")
+    need(p.clean.image_check in ("header", "full"),
+         f"clean.image_check: {p.clean.image_check!r} must be header or full")
+    need(p.seed >= 0, f"seed: {p.seed} must be >= 0")
+    _validate_data(p.data, need)
     _validate_recipe(p, need)
     need(p.resample.strategy in ("none", "oversample", "undersample"),
          f"resample.strategy: {p.resample.strategy!r} must be none, oversample or undersample")
@@ -340,8 +362,51 @@ def _validate(p: Params) -> None:
             need(name == "r1", f"rounds.{name}.lr: set a learning rate (only r1 may inherit the top-level lr)")
 
 
+def url_in_source_message(source: str, url_env: str) -> str:
+    """data.source holds a URL: say where it belongs instead (its query string redacted)."""
+    return (f"data.source: a URL ({redact_url(source)}) does not belong in params.yaml (a signed "
+            f"link would be stored in git and dvc.lock); export {url_env or 'CHEXPERT_URL'}="
+            f"'<the link>' (the variable named by data.url_env) and set data.source: url")
+
+
+def _validate_data(d: DataConfig, need: Any) -> None:
+    """The download section: where the data comes from and the synthetic generator's knobs."""
+    need("://" not in d.source, url_in_source_message(d.source, d.url_env))
+    need(bool(d.source.strip()), "data.source: empty; use synthetic, url or a local CheXpert folder/.zip")
+    need(d.url_env.isidentifier(),
+         f"data.url_env: {d.url_env!r} must be an environment variable name, e.g. CHEXPERT_URL")
+    sha = d.sha256.strip()
+    need(not sha or (len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)),
+         f"data.sha256: {d.sha256!r} is not a sha256 (64 hex digits); "
+         f"copy it from `sha256sum` or leave it empty")
+    need(d.retries >= 0, f"data.retries: {d.retries} must be >= 0")
+    need(d.timeout_s > 0, f"data.timeout_s: {d.timeout_s} must be > 0 seconds")
+    s = d.synthetic
+    for name in ("train_patients", "valid_patients"):
+        need(getattr(s, name) >= 1, f"data.synthetic.{name}: {getattr(s, name)} must be >= 1")
+    for name in ("width", "height"):
+        need(getattr(s, name) >= MIN_SYNTHETIC_SIDE,
+             f"data.synthetic.{name}: {getattr(s, name)} px is too small; use at least "
+             f"{MIN_SYNTHETIC_SIDE} (CheXpert-small is about 320 x 390)")
+    need(s.studies_per_patient >= 1,
+         f"data.synthetic.studies_per_patient: {s.studies_per_patient} is a mean number of "
+         f"studies and must be >= 1")
+    need(0 <= s.lateral_fraction <= 1,
+         f"data.synthetic.lateral_fraction: {s.lateral_fraction} must be within [0, 1]")
+    need(1 <= s.jpeg_quality <= 100,
+         f"data.synthetic.jpeg_quality: {s.jpeg_quality} must be within 1..100")
+    need(s.workers >= 0, f"data.synthetic.workers: {s.workers} must be >= 0")
+    need(s.seed >= 0, f"data.synthetic.seed: {s.seed} must be >= 0")
+
+
+MIN_SYNTHETIC_SIDE = 16
+MIN_BOOTSTRAP = 1000
 AUGMENT_PRESETS = ("none", "lighting", "light", "custom")
 AUGMENT_FIELDS = ("brightness", "contrast", "rotate_deg", "translate", "scale", "hflip")
+# The largest sane half-width of each draw: beyond these a chest film is no longer a chest film
+# (contrast 1 flattens it to grey, scale 1 zooms to a point, translate 0.5 shifts half of it out).
+AUGMENT_BOUNDS = {"brightness": 0.5, "contrast": 0.5, "rotate_deg": 30.0, "translate": 0.25,
+                  "scale": 0.5}
 
 
 def _validate_recipe(p: Params, need: Any) -> None:
@@ -353,6 +418,12 @@ def _validate_recipe(p: Params, need: Any) -> None:
         need(aug.preset == "custom" or not getattr(aug, name),
              f"train.augment.{name}: set, but preset {aug.preset!r} ignores it; "
              f"set train.augment.preset: custom to use the fields")
+    for name, top in AUGMENT_BOUNDS.items():
+        value = getattr(aug, name)
+        need(0 <= value <= top, f"train.augment.{name}: {value} is outside 0..{top:g}; "
+                                f"use a half-width within it (0 = off)")
+    need(p.train.pos_weight is None or p.train.pos_weight > 0,
+         f"train.pos_weight: {p.train.pos_weight} must be > 0 (or null for no weighting)")
     lf = p.train.lr_find
     need(0 < lf.start < lf.end, f"train.lr_find: needs 0 < start < end, got {lf.start}, {lf.end}")
     need(lf.num >= 10, f"train.lr_find.num: {lf.num} is too few steps; use at least 10")
@@ -364,6 +435,13 @@ def _validate_recipe(p: Params, need: Any) -> None:
          f"clean.uncertainty.{selftrained[0] if selftrained else ''}: selftrained needs a teacher; "
          f"set clean.teacher to a weights file or an MLflow runs:/ or models:/ URI")
     need(p.evaluate.tta >= 0, f"evaluate.tta: {p.evaluate.tta} must be >= 0 (0 = off)")
+    ev = p.evaluate
+    need(ev.bootstrap >= MIN_BOOTSTRAP,
+         f"evaluate.bootstrap: {ev.bootstrap} resamples give unstable 95 % intervals; "
+         f"use at least {MIN_BOOTSTRAP}")
+    for name in ("threshold", "target_sensitivity"):
+        need(0 < getattr(ev, name) < 1,
+             f"evaluate.{name}: {getattr(ev, name)} must be strictly between 0 and 1")
 
 
 ON_OFF_KEYS = ("amp", "channels_last", "distributed")

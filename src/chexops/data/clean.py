@@ -2,7 +2,8 @@
 
 Adds `valid` and `patient`, fills blanks with 0, applies each observation's uncertainty
 policy to the training split, filters views / sex / age, checks every image path and
-header, and records label counts before and after.
+header (or, with clean.image_check: full, decodes every image), and records label counts
+before and after.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pandas as pd
 
 from chexops import atomic, paths
 from chexops.config import OBSERVATIONS, Params
-from chexops.data.images import check_images, check_member_path, find_root
+from chexops.data.images import ZipImages, check_images, check_member_path, find_root
 from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
 from chexops.errors import ChexopsError
 
@@ -153,9 +154,29 @@ def label_counts(df: pd.DataFrame, targets: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def drop_bad_images(df: pd.DataFrame, zip_path: Path, max_bad: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows with readable images, report of the bad ones); error above `max_bad` share."""
-    bad = pd.DataFrame(check_images(zip_path, df["Path"].tolist()), columns=["Path", "reason"])
+def decode_failures(zip_path: Path, paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) for every image that fails a full decode (truncated or corrupt data that
+    the header check lets through). Slow: every image is decompressed."""
+    bad: list[tuple[str, str]] = []
+    with ZipImages(zip_path) as zi:
+        for p in paths:
+            try:
+                zi.read(p)
+            except ChexopsError:
+                bad.append((p, "undecodable (truncated or corrupt)"))
+    return bad
+
+
+def drop_bad_images(df: pd.DataFrame, zip_path: Path, max_bad: float,
+                    full: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows with readable images, report of the bad ones); error above `max_bad` share.
+
+    `full` decodes every image that passes the header check (clean.image_check: full)."""
+    found = check_images(zip_path, df["Path"].tolist())
+    if full:
+        flagged = {p for p, _ in found}
+        found += decode_failures(zip_path, [p for p in df["Path"] if p not in flagged])
+    bad = pd.DataFrame(found, columns=["Path", "reason"])
     share = len(bad) / max(len(df), 1)
     if share > max_bad:
         examples = ", ".join(bad["Path"].head(3))
@@ -172,7 +193,8 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     before = label_counts(df, params.targets)
     rows_before = {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
     df = filter_rows(df, params)
-    df, bad = drop_bad_images(df, zip_path, params.clean.max_bad_fraction)
+    df, bad = drop_bad_images(df, zip_path, params.clean.max_bad_fraction,
+                              full=params.clean.image_check == "full")
     for split, n in (("train", int((~df["valid"]).sum())), ("valid", int(df["valid"].sum()))):
         if n == 0:
             raise ChexopsError(f"no {split} rows left after the clean filters; "

@@ -59,6 +59,20 @@ def decode(data: bytes | object, size: int | None = None) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+# What a truncated or corrupt image raises while decoding (UnidentifiedImageError and
+# "image file is truncated" are OSErrors; zip CRC failures are BadZipFile).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                 zipfile.BadZipFile)
+
+
+def undecodable(member: str, zip_path: Path, exc: BaseException) -> ChexopsError:
+    reason = " ".join(str(exc).split())[:120]
+    return ChexopsError(f"{member} in {zip_path} cannot be decoded ({exc.__class__.__name__}: "
+                        f"{reason}): the image is truncated or corrupt; set clean.image_check: full "
+                        f"and re-run `dvc repro clean` (it drops such images), or remove the file "
+                        f"from the data source")
+
+
 class ZipImages:
     """Images of one CheXpert zip, read member by member (one open handle)."""
 
@@ -73,9 +87,13 @@ class ZipImages:
         self.root = find_root(self.names) or CHEXPERT_ROOTS[0]
 
     def read(self, member: str, size: int | None = None) -> np.ndarray:
+        """Decoded pixels of `member`; KeyError when absent, ChexopsError when undecodable."""
         check_member_path(member)
         with self.zf.open(member) as fh:
-            return decode(fh, size)
+            try:
+                return decode(fh, size)
+            except DECODE_ERRORS as exc:
+                raise undecodable(member, self.path, exc) from None
 
     def close(self) -> None:
         self.zf.close()
