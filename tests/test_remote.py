@@ -5,6 +5,7 @@ an unreachable endpoint -- each a one-line message, nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,56 @@ def test_fetch_without_a_remote_or_from_one_missing_the_data_is_refused(tmp_path
         remote.fetch_object(clone, cache, "raw", tracked_md5(repo))
     assert not remote.in_cache(cache, tracked_md5(repo))
     assert remote.default_remote(clone) == "empty"
+
+
+def test_dvc_errors_have_a_kind_and_never_echo_credentials():
+    kinds = {"no remote specified": "no-remote", "InvalidAccessKeyId": "credentials",
+             "Could not connect to the endpoint URL": "unreachable", "NoSuchBucket": "no-bucket",
+             "Missing cache files:": "not-pushed", "boom": "other"}
+    for output, kind in kinds.items():
+        err = remote.classify_dvc_error(f"ERROR: {output}", "team")
+        assert isinstance(err, ChexopsError) and err.kind == kind
+        assert str(err) == f"{err.problem}; {err.fix}"
+    err = remote.classify_dvc_error("ERROR: unexpected error - https://alice:pw1@host/x?a=1 "
+                                    "secret_access_key=abc123 key AKIAABCDEFGHIJKLMNOP", "team")
+    assert err.kind == "other"
+    assert err.problem == ("dvc failed with the DVC remote team (ERROR: unexpected error - "
+                           "https://***@host/x?a=1 secret_access_key=*** key ***)")
+    assert remote.redact("password: hunter2, token=t0k") == "password: ***, token=***"
+
+
+def remote_config(root: Path) -> dict[str, str]:
+    """`dvc config --list` (merged levels, paths resolved) as a dict."""
+    out = dvc(["config", "--list"], root).stdout
+    return dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
+
+
+def test_relative_remote_paths_are_pinned_to_the_original_repo(tmp_path):
+    """DVC resolves a relative remote url against the config file's folder, so a clone elsewhere
+    sees another folder until the paths are pinned (in its config.local only)."""
+    repo = git_dvc_repo(tmp_path / "repo")
+    dvc(["remote", "add", "-d", "local", "../store"], repo)  # .dvc/config: url = ../../store
+    dvc(["remote", "add", "team", "s3://bucket/x"], repo)     # not a path: left alone
+    dvc(["remote", "modify", "team", "credentialpath", "creds.json"], repo)
+    dvc(["remote", "add", "--local", "mine", "../mine"], repo)  # config.local, relative
+    dvc(["remote", "add", "--local", "abs", str(tmp_path / "abs")], repo)
+    run(["git", "commit", "-q", "-am", "remotes"], repo, pipeline_env())
+    clone = tmp_path / "a" / "b" / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, pipeline_env())
+    shutil.copyfile(repo / ".dvc/config.local", clone / ".dvc/config.local")  # as reproduce does
+    project = (clone / ".dvc/config").read_text()
+    assert remote.pin_remote_paths(repo, clone) == {
+        "local.url": str(tmp_path / "store"), "team.credentialpath": str(repo / "creds.json"),
+        "mine.url": str(tmp_path / "mine")}
+    resolved = remote_config(clone)  # what DVC resolves them to, in the clone and in repo
+    assert resolved == remote_config(repo)
+    assert resolved == {"remote.local.url": str(tmp_path / "store"),
+                        "remote.team.url": "s3://bucket/x",
+                        "remote.team.credentialpath": str(repo / "creds.json"),
+                        "remote.mine.url": str(tmp_path / "mine"),
+                        "remote.abs.url": str(tmp_path / "abs"), "core.remote": "local"}
+    assert (clone / ".dvc/config").read_text() == project  # the tracked config is untouched
+    assert remote.pin_remote_paths(repo, clone) == {}  # nothing relative is left
 
 
 # ---------------------------------------------------------------- an S3 API on loopback

@@ -44,8 +44,14 @@ def store(tmp_path_factory):
     client.log_param(trial, "rounds.r2.lr", "[0.0001, 0.001]")
     client.log_dict(evaluate, {"seed": 42, "rounds": {"r2": {"lr": [0.0001, 0.001]}}},
                     "config/params.json")
+    # a trial made from a dirty tree: code changes that no commit holds
+    dirty = client.create_run(exp, run_name="dirty").info.run_id
+    for key, value in {"chexops.trial": "true", "git.commit": "abc", "git.dirty": "True",
+                       "git.changed": "params.yaml, src/chexops/train.py, notes.md",
+                       "data.md5.data/raw": "d" * 32 + ".dir"}.items():
+        client.set_tag(dirty, key, value)
     return {"client": client, "trial": trial, "evaluate": evaluate, "round1": round1,
-            "cached": cached, "lone": lone, "tmp": tmp}
+            "cached": cached, "lone": lone, "dirty": dirty, "tmp": tmp}
 
 
 def test_find_trial_by_run_id_stage_run_and_experiment_name(store):
@@ -112,6 +118,16 @@ def test_verdicts_identical_within_tolerance_and_different():
     assert verdict({"a": 1.0}, {"a": 1.0}, old_d={"d": "m"}, new_d={"d": "n"}).verdict == "different"
     # the tolerance scales with large values (counts, losses)
     assert verdict({"n": 200.0}, {"n": 201.0}).verdict == "within tolerance"
+
+
+def test_two_nan_metrics_are_the_same_and_nan_against_a_number_differs():
+    nan = float("nan")
+    c = verdict({"auroc": nan, "loss": 0.5}, {"auroc": nan, "loss": 0.5})
+    assert c.verdict == "identical"
+    assert ("auroc", "nan", "nan", "same") in c.rows
+    assert verdict({"auroc": nan}, {"auroc": 0.5}).verdict == "different"
+    assert verdict({"auroc": 0.5}, {"auroc": nan}).verdict == "different"
+    assert verdict({"auroc": nan}, {}).verdict == "different"  # still: a metric went missing
 
 
 def test_unrecorded_weights_are_shown_not_judged_and_table_states_tolerance():
@@ -230,6 +246,26 @@ def test_cli_refuses_unknown_run_and_missing_store_leaving_no_workspace(store, t
     assert proc.returncode == 2 and "is unreachable" in proc.stderr
 
 
+def test_cli_warns_that_a_dirty_tree_trial_is_restored_only_as_of_its_commit(store, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{store['tmp'] / 'mlflow.db'}"}
+    proc = chexops(["reproduce", store["dirty"], "--workdir", str(work)], repo, env)
+    lines = proc.stderr.splitlines()
+    # what is missing: the changed code files, not params.yaml (restored from the run)
+    assert (f"warning: trial {store['dirty']} was made from a dirty git tree; its uncommitted "
+            f"changes to src/chexops/train.py, notes.md were never recorded, so the code is "
+            f"restored only as of commit abc and the result may differ") in lines, proc.stderr
+    # then it goes on, and here refuses (this trial logged no params): one line, exit 2
+    assert proc.returncode == 2
+    assert lines[-1].startswith(f"chexops reproduce: error: trial {store['dirty']} has no logged "
+                                f"params")
+    assert list(work.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the reduced pipeline, end to end
 
 def synthetic_zip(dest: Path) -> Path:
@@ -325,9 +361,18 @@ def test_reproduce_refuses_when_one_image_changed_and_data_is_not_cached(trial_r
     assert proc.returncode == 2, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("chexops reproduce: error: data/raw: the data differs from the trial's")
-    # the project's default remote (a folder beside the clone) is configured but holds nothing
     assert str(trial_repo["source"]) in last
-    assert "no DVC remote is configured" in last or "dvc push" in last
+    # the cause, exactly: the project's default remote (a folder beside the clone, found from the
+    # clone and not from the temporary workspace) is configured but holds nothing
+    name = remote.default_remote(clone)
+    if name:
+        problem = f"the data is not in the DVC remote {name}"
+        fix = "run `dvc push` where the data was made, then try again"
+        assert f"; it is not in the DVC cache and {problem} ({fix}); " in last
+        assert (f"reproduce: data/raw is not in the DVC cache and not had from the DVC remote "
+                f"({problem}; {fix}); re-deriving it with stage download") in proc.stderr
+    else:
+        assert "; it is not in the DVC cache and no DVC remote is configured; " in last
     assert list(work.iterdir()) == []  # the refused workspace is gone
     assert "verdict" not in proc.stdout  # refused before any training
 
@@ -409,3 +454,239 @@ def test_unknown_commit_is_refused(tmp_path):
                                            r"`git fetch` the branch"):
         reproduce.make_workspace(repo, "0123456789ab" * 3 + "0123", tmp_path / "ws")
     assert not (tmp_path / "ws").exists()
+
+
+# ---------------------------------------------------------------- the DVC remote from the workspace
+
+def dvc_(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run([str(VENV_BIN / "dvc"), *args], cwd, pipeline_env())
+
+
+def remote_list(root: Path) -> dict[str, str]:
+    """{name: url} as DVC resolves it there (`dvc config --list`: `dvc remote list` wraps)."""
+    out = dvc_(["config", "--list"], root).stdout
+    pairs = (ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
+    return {k[len("remote."):-len(".url")]: v for k, v in pairs
+            if k.startswith("remote.") and k.endswith(".url")}
+
+
+def test_workspace_reaches_the_relative_default_remote_of_the_original_repo(tmp_path, capfd):
+    """`url = ../../store` in .dvc/config means <repo>/../store; in a workspace elsewhere it
+    must still mean that folder, or the fetch silently misses."""
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, _, md5 = toy_repo(tmp_path, source)
+    dvc_(["remote", "add", "-d", "local", "../store"], repo)  # as docs/TEAM.md says
+    assert "url = ../../store" in (repo / ".dvc/config").read_text()
+    dvc_(["remote", "add", "--local", "mine", "../mine"], repo)  # a relative one in config.local
+    run(["git", "commit", "-q", "-am", "remote"], repo, pipeline_env())
+    commit = run(["git", "rev-parse", "HEAD"], repo, pipeline_env()).stdout.strip()
+    dvc_(["push", "-q"], repo)
+    trial = trial_with({"data.md5.data/raw": md5})
+
+    ws = tmp_path / "work" / "deeper" / "ws"  # not a sibling: the relative url would differ
+    reproduce.make_workspace(repo, commit, ws)
+    assert remote_list(ws)["local"] != str(tmp_path / "store")  # the defect, without the fix
+    cache = reproduce.share_dvc_config(repo, ws)
+    assert remote_list(ws) == remote_list(repo) == {"local": str(tmp_path / "store"),
+                                                    "mine": str(tmp_path / "mine")}
+    assert remote.default_remote(ws) == "local"
+    assert "../../store" in (ws / ".dvc/config").read_text()  # the tracked config is unchanged
+
+    shutil.rmtree(cache)  # not in the cache: it must come from the remote, not be re-derived
+    source.unlink()
+    assert reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source)) == \
+        {"data/raw": "DVC remote local"}
+    assert (ws / "data/raw/chexpert.zip").read_bytes() == b"original images"
+    assert "re-deriving" not in capfd.readouterr().err
+
+
+def test_rederive_message_states_why_the_remote_did_not_help(tmp_path, capfd):
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, _, md5 = toy_repo(tmp_path, source)
+    (tmp_path / "empty").mkdir()
+    dvc_(["remote", "add", "-d", "local", "../empty"], repo)  # configured, never pushed to
+    run(["git", "commit", "-q", "-am", "remote"], repo, pipeline_env())
+    commit = run(["git", "rev-parse", "HEAD"], repo, pipeline_env()).stdout.strip()
+    ws = tmp_path / "work" / "ws"
+    reproduce.make_workspace(repo, commit, ws)
+    cache = reproduce.share_dvc_config(repo, ws)
+    shutil.rmtree(cache)
+    how = reproduce.restore_data(ws, trial_with({"data.md5.data/raw": md5}), cache,
+                                 pipeline_env(), str(source))
+    assert how == {"data/raw": "re-derived by download, same md5"}
+    err = capfd.readouterr().err
+    assert ("reproduce: data/raw is not in the DVC cache and not had from the DVC remote (the "
+            "data is not in the DVC remote local; run `dvc push` where the data was made, then "
+            "try again); re-deriving it with stage download\n") in err
+
+
+def s3_remote(repo: Path, endpoint: str) -> None:
+    dvc_(["remote", "add", "-d", "team", "s3://chexops-team/dvcstore"], repo)
+    dvc_(["remote", "modify", "team", "endpointurl", endpoint], repo)
+    run(["git", "commit", "-q", "-am", "team remote"], repo, pipeline_env())
+    dvc_(["remote", "modify", "--local", "team", "access_key_id", "AKIAABCDEFGHIJKLMNOP"], repo)
+    dvc_(["remote", "modify", "--local", "team", "secret_access_key", "s3cretvalue"], repo)
+
+
+def test_unreachable_remote_is_refused_unless_rederive(tmp_path, monkeypatch, capfd):
+    from tests.servers import free_port
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: fail at once, no retries
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, _, md5 = toy_repo(tmp_path, source)
+    s3_remote(repo, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    commit = run(["git", "rev-parse", "HEAD"], repo, pipeline_env()).stdout.strip()
+    trial = trial_with({"data.md5.data/raw": md5})
+    ws = tmp_path / "work" / "ws"
+    reproduce.make_workspace(repo, commit, ws)
+    cache = reproduce.share_dvc_config(repo, ws)
+    shutil.rmtree(cache)
+    with pytest.raises(ChexopsError) as err:
+        reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source))
+    assert str(err.value) == (
+        "data/raw: it is not in the DVC cache and the DVC remote team is unreachable (check its "
+        "URL/endpointurl (`dvc remote list`) and the network); or pass --rederive to re-derive "
+        f"it with stage download from data.source {str(source)!r} (its md5 is still checked)")
+    assert not (ws / "data/raw").exists() and "re-deriving" not in capfd.readouterr().err
+    how = reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
+    assert how == {"data/raw": "re-derived by download, same md5"}
+    err_text = capfd.readouterr().err
+    assert ("reproduce: data/raw is not in the DVC cache and not had from the DVC remote (the DVC "
+            "remote team is unreachable; check its URL/endpointurl (`dvc remote list`) and the "
+            "network); re-deriving it with stage download\n") in err_text
+    assert "s3cretvalue" not in err_text and "AKIAABCDEFGHIJKLMNOP" not in err_text
+
+
+def test_rejected_credentials_are_refused_and_the_cause_is_redacted(tmp_path, monkeypatch,
+                                                                     capfd):
+    """DVC's own words for bad keys (as moto/S3 answer, see test_remote.py), with secrets in
+    them: the refusal and the --rederive note carry the cause, never the secret."""
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, commit, md5 = toy_repo(tmp_path, source)
+    output = ("ERROR: failed to fetch data from the cloud - An error occurred (InvalidAccessKeyId) "
+              "when calling s3://AKIAABCDEFGHIJKLMNOP:s3cretvalue@chexops-team/dvcstore")
+
+    def rejected(root, cache, name, md5_, remote_name=None):
+        raise remote.classify_dvc_error(output, "team")
+
+    monkeypatch.setattr(remote, "default_remote", lambda root: "team")
+    monkeypatch.setattr(remote, "fetch_object", rejected)
+    ws = tmp_path / "work" / "ws"
+    reproduce.make_workspace(repo, commit, ws)
+    cache = reproduce.share_dvc_config(repo, ws)
+    shutil.rmtree(cache)
+    trial = trial_with({"data.md5.data/raw": md5})
+    with pytest.raises(ChexopsError, match=r"^data/raw: it is not in the DVC cache and the DVC "
+                                           r"remote team rejected the credentials \(set them with "
+                                           r"`dvc remote modify --local team access_key_id"):
+        reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source))
+    reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
+    err = capfd.readouterr().err
+    assert "(the DVC remote team rejected the credentials; set them with" in err
+    assert "s3cretvalue" not in err and "AKIA" not in err
+
+
+def test_unexpected_failure_is_one_line_naming_the_step_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                           capfd):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from chexops import cli
+
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"original images")
+    repo, commit, md5 = toy_repo(tmp_path, source)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("chexops", artifact_location=(tmp_path / "art").as_uri())
+    trial = client.create_run(exp, run_name="t").info.run_id
+    evaluate = client.create_run(exp, tags={"chexops.stage": "evaluate",
+                                            "mlflow.parentRunId": trial}).info.run_id
+    for key, value in {"chexops.trial": "true", "chexops.evaluate_run_id": evaluate,
+                       "git.commit": commit, "git.dirty": "False",
+                       "data.md5.data/raw": md5}.items():
+        client.set_tag(trial, key, value)
+    client.log_dict(evaluate, {"seed": 42}, "config/params.json")
+
+    def fails(ws, env):
+        raise MlflowException("API request to http://alice:s3cret@mlflow.example/api failed\n"
+                              "Traceback (most recent call last): ...")
+
+    monkeypatch.setattr(reproduce, "rerun", fails)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    work = tmp_path / "work"
+    work.mkdir()
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    code = cli.main(["--root", str(repo), "--params", str(params), "reproduce", trial,
+                     "--workdir", str(work)])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "chexops reproduce: error: re-running the pipeline failed: MlflowException: API request "
+        "to http://***@mlflow.example/api failed; nothing in your workspace was changed "
+        "(reproduce with --keep to inspect the temporary one)")
+    assert "Traceback" not in err and "s3cret" not in err
+    assert "data/raw at the recorded md5 (DVC cache)" in err  # it got that far
+    assert list(work.iterdir()) == []  # the temporary workspace is gone
+    assert run(["git", "status", "--porcelain"], repo, pipeline_env()).stdout == ""
+
+
+# ---------------------------------------------------------------- a DVC experiment's own commit
+
+def exp_repo(tmp_path: Path) -> tuple[Path, str]:
+    """git + DVC repo with one params-driven stage, and one `dvc exp run -n toy-exp -S seed=7`
+    made with an uncommitted change to code.py; (repo, baseline commit)."""
+    repo = tmp_path / "exp"
+    repo.mkdir()
+    env = pipeline_env()
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    dvc_(["init", "-q"], repo)
+    (repo / "code.py").write_text("v1\n")
+    (repo / "params.yaml").write_text("seed: 1\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "cat code.py params.yaml > out.txt", "deps": ["code.py"], "params": ["seed"],
+        "outs": ["out.txt"]}}}))
+    dvc_(["repro", "-q"], repo)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "baseline"], repo, env)
+    baseline = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    (repo / "code.py").write_text("v2, uncommitted\n")
+    dvc_(["exp", "run", "-q", "-n", "toy-exp", "-S", "seed=7"], repo)
+    run(["git", "checkout", "-q", "--", "."], repo, env)
+    return repo, baseline
+
+
+def test_experiment_is_restored_from_its_own_commit_else_from_the_baseline(tmp_path):
+    repo, baseline = exp_repo(tmp_path)
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/toy-exp"
+    exp_commit = run(["git", "rev-parse", ref], repo, pipeline_env()).stdout.strip()
+    tags = {"git.commit": baseline, "dvc.exp_name": "toy-exp", "git.dirty": "True",
+            "git.changed": "code.py, params.yaml"}
+    trial = reproduce.Trial("r" * 32, "t", tags, {}, {"seed": "7"})
+    assert reproduce.experiment_ref(trial) == ref
+    assert reproduce.code_commit(repo, trial) == (exp_commit, "toy-exp", None)
+    assert reproduce.code_warning(trial, "toy-exp") is None  # its changes are in that commit
+    ws = tmp_path / "ws"
+    reproduce.make_workspace(repo, exp_commit, ws)
+    assert (ws / "code.py").read_text() == "v2, uncommitted\n"
+    assert yaml.safe_load((ws / "params.yaml").read_text()) == {"seed": 7}
+
+    # the experiment was re-run since with other params: not the trial's code, use the baseline
+    other = reproduce.Trial("r" * 32, "t", tags, {}, {"seed": "8"})
+    commit, name, note = reproduce.code_commit(repo, other)
+    assert (commit, name) == (baseline, None)
+    assert note.startswith(f"DVC experiment 'toy-exp' ({exp_commit[:12]}) has other params than "
+                           f"the trial (seed; re-run since?)")
+    assert "code.py" in reproduce.code_warning(other, name)
+    # not here (never pulled): the baseline, saying how to get it
+    gone = reproduce.Trial("r" * 32, "t", {**tags, "dvc.exp_name": "elsewhere"}, {}, {})
+    commit, name, note = reproduce.code_commit(repo, gone)
+    assert (commit, name) == (baseline, None)
+    assert f"no {ref[:-len('toy-exp')]}elsewhere" in note and "`dvc exp pull REMOTE elsewhere`" in note
+    # a plain `dvc repro` trial has no experiment
+    plain = reproduce.Trial("r" * 32, "t", {"git.commit": baseline, "dvc.exp_name": "None"}, {}, {})
+    assert reproduce.code_commit(repo, plain) == (baseline, None, None)

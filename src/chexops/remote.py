@@ -22,31 +22,61 @@ from chexops.errors import ChexopsError
 
 FETCH_DIR = ".chexops-fetch"  # side folder for temporary .dvc files (must not overlap pipeline outs)
 
-# (pattern in DVC's output, what went wrong, the fix); the first match wins
-DVC_ERRORS: tuple[tuple[str, str, str], ...] = (
-    (r"no remote specified|[Nn]o default remote|No remote provided|remote .* doesn't exist|"
+# (kind, pattern in DVC's output, what went wrong, the fix); the first match wins
+DVC_ERRORS: tuple[tuple[str, str, str, str], ...] = (
+    ("no-remote",
+     r"no remote specified|[Nn]o default remote|No remote provided|remote .* doesn't exist|"
      r"not a valid remote",
      "no DVC remote is configured",
      "add one with `dvc remote add -d NAME URL` (see docs/TEAM.md)"),
-    (r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\b403\b|"
+    ("credentials",
+     r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\b403\b|"
      r"Unable to locate credentials|NoCredentialsError|ExpiredToken|InvalidToken|"
      r"could not find default credentials|Anonymous caller",
      "the DVC remote {remote} rejected the credentials",
      "set them with `dvc remote modify --local {remote} access_key_id ...` (and "
      "secret_access_key), or the provider's environment variables"),
-    (r"Could not connect|Connection refused|ConnectTimeout|EndpointConnectionError|"
+    ("unreachable",
+     r"Could not connect|Connection refused|ConnectTimeout|EndpointConnectionError|"
      r"Name or service not known|nodename nor servname|Temporary failure in name resolution|"
      r"ClientConnectorError|timed out",
      "the DVC remote {remote} is unreachable",
      "check its URL/endpointurl (`dvc remote list`) and the network"),
-    (r"NoSuchBucket|bucket does not exist|specified bucket does not exist",
+    ("no-bucket",
+     r"NoSuchBucket|bucket does not exist|specified bucket does not exist",
      "the DVC remote {remote} names a bucket that does not exist",
      "create the bucket or fix the URL with `dvc remote modify {remote} url ...`"),
-    (r"[Mm]issing cache files|do not exist neither locally nor on remote|"
+    ("not-pushed",
+     r"[Mm]issing cache files|do not exist neither locally nor on remote|"
      r"failed to (fetch|pull|download)|files failed to download",
      "the data is not in the DVC remote {remote}",
      "run `dvc push` where the data was made, then try again"),
 )
+
+# secrets that DVC or a library may echo: user:password@ in URLs, key=value pairs, AWS key ids
+_SECRETS = (
+    (re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@"), r"\1***@"),
+    (re.compile(r"(?i)\b(access_key_id|secret_access_key|session_token|aws_[a-z_]*key[a-z_]*|"
+                r"password|passwd|token|secret|credential[a-z_]*)(['\"]?\s*[=:]\s*['\"]?)"
+                r"[^\s'\",;]+"), r"\1\2***"),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b"), "***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with credentials it may carry replaced by ***."""
+    for pattern, repl in _SECRETS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RemoteError(ChexopsError):
+    """A DVC remote could not provide an object: `kind` is one of DVC_ERRORS' kinds or 'other';
+    `problem` and `fix` are the two halves of the one-line message."""
+
+    def __init__(self, kind: str, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.kind, self.problem, self.fix = kind, problem, fix
 
 
 def dvc_executable() -> str:
@@ -64,14 +94,21 @@ def run_dvc(root: Path, *args: str, env: dict[str, str] | None = None,
                           text=True, timeout=timeout)
 
 
+def classify_dvc_error(output: str, remote: str | None) -> RemoteError:
+    """The RemoteError (kind, problem, fix) for a failed dvc push/pull/fetch, from its output;
+    credentials in the output are never echoed."""
+    name = remote or "(default)"
+    for kind, pattern, problem, fix in DVC_ERRORS:
+        if re.search(pattern, output):
+            return RemoteError(kind, problem.format(remote=name), fix.format(remote=name))
+    last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
+    return RemoteError("other", f"dvc failed with the DVC remote {name} ({redact(last)[:300]})",
+                       "run the dvc command by hand to see why")
+
+
 def explain_dvc_error(output: str, remote: str | None) -> str:
     """One line 'problem; fix' for a failed dvc push/pull/fetch, from its output."""
-    name = remote or "(default)"
-    for pattern, problem, fix in DVC_ERRORS:
-        if re.search(pattern, output):
-            return f"{problem.format(remote=name)}; {fix.format(remote=name)}"
-    last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
-    return f"dvc failed with the DVC remote {name} ({last[:300]}); run the dvc command by hand to see why"
+    return str(classify_dvc_error(output, remote))
 
 
 # ---------------------------------------------------------------- the cache
@@ -138,6 +175,52 @@ def dir_differences(cache: Path, old_md5: str, new_md5: str) -> list[str]:
 
 # ---------------------------------------------------------------- the remote
 
+# remote options that hold a path, which DVC resolves relative to the config file naming them
+REMOTE_PATH_KEYS = ("url", "credentialpath", "keyfile", "configpath", "cert_path", "key_path",
+                    "gdrive_user_credentials_file", "gdrive_service_account_json_file_path")
+
+
+def _relative_local(value: object) -> bool:
+    return (isinstance(value, str) and bool(value.strip()) and not re.match(r"\w+://", value)
+            and not os.path.isabs(os.path.expanduser(value)))
+
+
+def pin_remote_paths(origin: Path, ws: Path) -> dict[str, str]:
+    """Make the relative paths of `ws`'s DVC remotes (.dvc/config and .dvc/config.local) mean
+    what they mean in `origin`, by writing their absolute form to ws's config.local.
+
+    DVC resolves a relative remote url (`../../chexops-dvc-remote`) against the folder of the
+    config file that holds it, so in a clone elsewhere (reproduce's temporary workspace) it
+    would name another folder. Returns {"NAME.key": absolute path} for what was pinned."""
+    from configobj import ConfigObj
+
+    base = origin.resolve() / ".dvc"
+    local_file = ws / ".dvc" / "config.local"
+    local = ConfigObj(str(local_file)) if local_file.is_file() else ConfigObj()
+    local.filename = str(local_file)
+    project_file = ws / ".dvc" / "config"
+    project = ConfigObj(str(project_file)) if project_file.is_file() else ConfigObj()
+    pinned: dict[str, str] = {}
+    # project level first; a value set in config.local overrides it and is pinned in place
+    for level in (project, local):
+        for section, values in list(level.items()):
+            named = re.fullmatch(r'\s*remote\s+"(.+)"\s*', section)
+            if not named or not isinstance(values, dict):
+                continue
+            for key in REMOTE_PATH_KEYS:
+                value = values.get(key)
+                if not _relative_local(value):
+                    continue
+                if level is project and key in (local.get(section) or {}):
+                    continue  # config.local sets its own value
+                absolute = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+                local.setdefault(section, {})[key] = absolute
+                pinned[f"{named.group(1)}.{key}"] = absolute
+    if pinned:
+        local.write()
+    return pinned
+
+
 def default_remote(root: Path) -> str | None:
     """Name of the default DVC remote (core.remote), or None when there is none."""
     proc = run_dvc(root, "remote", "default")
@@ -147,7 +230,7 @@ def default_remote(root: Path) -> str | None:
 
 def fetch_object(root: Path, cache: Path, name: str, md5: str, remote: str | None = None) -> None:
     """Download one object into `cache` by md5 alone, through a temporary .dvc file; raises a
-    one-line ChexopsError (no remote, credentials, unreachable, not there) when it is not fetched."""
+    one-line RemoteError (no remote, credentials, unreachable, not there) when it is not fetched."""
     side = root / FETCH_DIR
     side.mkdir(exist_ok=True)
     dvcfile = side / f"{name}.dvc"
@@ -159,5 +242,4 @@ def fetch_object(root: Path, cache: Path, name: str, md5: str, remote: str | Non
         dvcfile.unlink(missing_ok=True)
     # dvc fetch exits 0 when objects are missing on the remote or no remote is set: check the cache
     if proc.returncode != 0 or not in_cache(cache, md5):
-        raise ChexopsError(explain_dvc_error(proc.stdout + proc.stderr,
-                                             remote or default_remote(root)))
+        raise classify_dvc_error(proc.stdout + proc.stderr, remote or default_remote(root))

@@ -2,11 +2,13 @@
 hashes in a temporary workspace, then print old and new results side by side with a verdict.
 
 Steps: find the trial run (an MLflow run id, or a DVC experiment name via the `dvc.exp_name`
-tag); clone the repository at the trial's git commit into a temporary folder; write back the
-params the trial ran with (its evaluate run's `config/params.json`); put the trial's source data
-in place by md5 (DVC cache, else the DVC remote, else re-derive it with the source stage and
-require the same md5 -- refusing, naming the input, when none works); re-run every other stage
-with `dvc repro --force`; compare metrics, weights and derived-data hashes.
+tag); clone the repository at the trial's git commit -- its DVC experiment's own commit
+(refs/exps/...) when it has one -- into a temporary folder; write back the params the trial ran
+with (its evaluate run's `config/params.json`); put the trial's source data in place by md5 (DVC
+cache, else the DVC remote, else re-derive it with the source stage and require the same md5 --
+refusing, naming the input, when none works, and when the remote rejects the credentials or is
+unreachable unless --rederive); re-run every other stage with `dvc repro --force`; compare
+metrics, weights and derived-data hashes. Any other failure is one line naming the step.
 
 Nothing in the user's workspace is touched: the re-run writes only the temporary clone, new
 objects in the shared DVC cache and a new trial run (tagged `chexops.reproduces`) in the store.
@@ -22,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_TOLERANCE = 0.01       # |new - old| <= tol * max(1, |old|) on every metric
 RESTORED_BY_PARAMS = ("params.yaml",)  # changed files that the restored params make whole again
 WEIGHTS_ARTIFACT = "model/best.safetensors"
+EXPS_NAMESPACE = "refs/exps"  # DVC experiment refs: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+# remote failures that say the remote is misconfigured rather than missing the data: re-deriving
+# would hide them, so reproduce refuses unless --rederive
+REFUSE_REMOTE_KINDS = ("credentials", "unreachable")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary workspace")
     parser.add_argument("--workdir", default=None,
                         help="folder to create the temporary workspace in (default: system temp)")
+    parser.add_argument("--rederive", action="store_true",
+                        help="when the DVC remote rejects the credentials or is unreachable, "
+                             "re-derive the source data from data.source instead of refusing "
+                             "(its md5 is still checked)")
 
 
 # ---------------------------------------------------------------- the recorded trial
@@ -134,9 +146,11 @@ def load_trial(client: "MlflowClient", ref: str, store: str) -> Trial:
 
 # ---------------------------------------------------------------- code and params
 
-def code_warning(trial: Trial) -> str | None:
-    """A trial made from a dirty tree cannot be restored exactly: say which files are missing."""
-    if trial.tags.get("git.dirty") != "True":
+def code_warning(trial: Trial, experiment: str | None = None) -> str | None:
+    """A trial made from a dirty tree cannot be restored exactly: say which files are missing.
+    None when the code comes from the trial's DVC experiment commit (`experiment`), which holds
+    its uncommitted changes to tracked files."""
+    if trial.tags.get("git.dirty") != "True" or experiment:
         return None
     changed = [p.strip() for p in trial.tags.get("git.changed", "").split(",") if p.strip()]
     missing = [p for p in changed if p not in RESTORED_BY_PARAMS]
@@ -179,6 +193,56 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
 
 
+def experiment_ref(trial: Trial) -> str | None:
+    """The git ref DVC keeps the trial's experiment under, from its name and baseline commit."""
+    name, baseline = trial.tags.get("dvc.exp_name"), trial.tags.get("git.commit")
+    if not name or name == "None" or not baseline or baseline == "None" or len(baseline) < 3:
+        return None
+    return f"{EXPS_NAMESPACE}/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def _normalised_params(raw: Any) -> Any:
+    """A params.yaml as the trial logged it (resolved by config); as is when it does not load."""
+    from chexops.config import params_from_dict, to_dict
+
+    try:
+        return to_dict(params_from_dict(raw or {}))
+    except Exception:  # another version's schema: compare what is written
+        return raw or {}
+
+
+def code_commit(main_root: Path, trial: Trial) -> tuple[str, str | None, str | None]:
+    """(commit to restore, the DVC experiment it is the commit of, a note for the user).
+
+    A trial run by `dvc exp run` is restored from its experiment's own commit (which holds the
+    `-S` params and any uncommitted changes to tracked files), when that ref is here and its
+    params.yaml is the trial's; otherwise from the baseline commit recorded on the run."""
+    baseline = trial.tags.get("git.commit", "")
+    ref = experiment_ref(trial)
+    if ref is None:
+        return baseline, None, None
+    name = trial.tags["dvc.exp_name"]
+    proc = _git(main_root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return baseline, None, (f"DVC experiment {name!r} is not in this repository (no {ref}; "
+                                f"`dvc exp pull REMOTE {name}` brings it); restoring the baseline "
+                                f"commit {baseline[:12]} with the trial's logged params")
+    commit = proc.stdout.strip()
+    shown = _git(main_root, "show", f"{commit}:params.yaml")
+    try:
+        exp_params = yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
+    except yaml.YAMLError:
+        exp_params = None
+    diff = params_mismatch(_normalised_params(exp_params), trial) if isinstance(
+        exp_params, dict) else ["params.yaml"]
+    if diff:
+        return baseline, None, (f"DVC experiment {name!r} ({commit[:12]}) has other params than "
+                                f"the trial ({', '.join(diff[:5])}; re-run since?); restoring "
+                                f"the baseline commit {baseline[:12]} with the trial's logged "
+                                f"params")
+    return commit, name, None
+
+
 def make_workspace(main_root: Path, commit: str, dest: Path) -> None:
     """A clone of the repository at `commit` sharing its git objects (nothing in main changes)."""
     if _git(main_root, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
@@ -193,7 +257,9 @@ def make_workspace(main_root: Path, commit: str, dest: Path) -> None:
 
 
 def share_dvc_config(main_root: Path, ws: Path) -> Path:
-    """The workspace uses the main cache and the main local config (credentials); returns the cache."""
+    """The workspace uses the main cache, the main local config (credentials) and the main
+    repo's remotes: relative local remote paths are pinned to what they mean there (DVC
+    resolves them against the config file's folder). Returns the cache."""
     local = main_root / ".dvc" / "config.local"
     if local.is_file():
         shutil.copyfile(local, ws / ".dvc" / "config.local")
@@ -201,7 +267,8 @@ def share_dvc_config(main_root: Path, ws: Path) -> Path:
     proc = remote.run_dvc(ws, "config", "--local", "cache.dir", str(cache))
     if proc.returncode != 0:
         raise ChexopsError(f"cannot point the workspace at the DVC cache {cache} "
-                           f"({proc.stderr.strip()[:200]}); check `dvc cache dir`")
+                           f"({remote.redact(proc.stderr.strip())[:200]}); check `dvc cache dir`")
+    remote.pin_remote_paths(main_root, ws)
     return cache
 
 
@@ -237,22 +304,29 @@ def _mismatch(out: str, old: str, new: str | None, source: str, cache: Path,
 
 
 def restore_source(ws: Path, stage: str, out: str, md5: str, cache: Path, env: dict[str, str],
-                   source: str) -> str:
-    """Put `out` at md5 in the workspace: DVC cache, else remote, else re-derive; say how."""
+                   source: str, rederive: bool = False) -> str:
+    """Put `out` at md5 in the workspace: DVC cache, else remote, else re-derive; say how.
+    A remote that rejects the credentials or is unreachable is refused unless `rederive`."""
     if remote.in_cache(cache, md5):
         remote.copy_from_cache(cache, md5, ws / out)
         return "DVC cache"
     name = remote.default_remote(ws)
-    note = "it is not in the DVC cache and no DVC remote is configured"
+    cause = "no DVC remote is configured"
+    note = f"it is not in the DVC cache and {cause}"
     if name:
         try:
             remote.fetch_object(ws, cache, Path(out).name, md5)
             remote.copy_from_cache(cache, md5, ws / out)
             return f"DVC remote {name}"
-        except ChexopsError as exc:
-            note = f"it is not in the DVC cache and the remote failed: {exc}"
-    print(f"reproduce: {out} is not in the DVC cache or remote; re-deriving it with "
-          f"stage {stage}", file=sys.stderr)
+        except remote.RemoteError as exc:
+            cause = remote.redact(str(exc))
+            note = remote.redact(f"it is not in the DVC cache and {exc.problem} ({exc.fix})")
+            if exc.kind in REFUSE_REMOTE_KINDS and not rederive:
+                raise ChexopsError(f"{out}: {note}; or pass --rederive to re-derive it with "
+                                   f"stage {stage} from data.source {source!r} (its md5 is "
+                                   f"still checked)") from None
+    print(f"reproduce: {out} is not in the DVC cache and not had from the DVC remote "
+          f"({cause}); re-deriving it with stage {stage}", file=sys.stderr)
     _repro(ws, env, ["--force", "--single-item", stage], f"stage {stage}")
     new = lock_md5s(ws).get(out)
     if new != md5:
@@ -261,14 +335,15 @@ def restore_source(ws: Path, stage: str, out: str, md5: str, cache: Path, env: d
 
 
 def restore_data(ws: Path, trial: Trial, cache: Path, env: dict[str, str],
-                 source: str) -> dict[str, str]:
+                 source: str, rederive: bool = False) -> dict[str, str]:
     """Every source output the trial recorded, at its recorded md5; {out: how}."""
     recorded = trial.data_md5s
     how: dict[str, str] = {}
     for stage, outs in source_stages(ws).items():
         for out in outs:
             if out in recorded:
-                how[out] = restore_source(ws, stage, out, recorded[out], cache, env, source)
+                how[out] = restore_source(ws, stage, out, recorded[out], cache, env, source,
+                                          rederive)
     if not how:
         raise ChexopsError(f"trial {trial.run_id} recorded no md5 for the pipeline's source data "
                            f"({', '.join(o for v in source_stages(ws).values() for o in v)}); "
@@ -364,6 +439,15 @@ def metrics_close(old: float, new: float, tolerance: float) -> bool:
     return math.isclose(old, new, rel_tol=0.0, abs_tol=tolerance * max(1.0, abs(old)))
 
 
+def _nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def metrics_same(old: float | None, new: float | None) -> bool:
+    """Bit-identical, where two NaNs (an undefined metric, e.g. AUROC of one class) are the same."""
+    return old == new or (_nan(old) and _nan(new))
+
+
 @dataclass
 class Comparison:
     rows: list[tuple[str, str, str, str]]  # (what, old, new, status)
@@ -383,7 +467,7 @@ def compare(old_m: dict[str, float], new_m: dict[str, float], old_w: dict[str, s
     rows, exact, close = [], True, True
     for key in sorted(old_m.keys() | new_m.keys()):
         a, b = old_m.get(key), new_m.get(key)
-        same = a == b
+        same = metrics_same(a, b)
         near = a is not None and b is not None and metrics_close(a, b, tolerance)
         exact, close = exact and same, close and (same or near)
         rows.append((key, _fmt(a), _fmt(b), "same" if same else "close" if near else "DIFFERS"))
@@ -430,41 +514,72 @@ def open_client(params: Params, root: Path) -> tuple["MlflowClient", str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
-def reproduce(ref: str, params: Params, root: Path, ws: Path, tolerance: float) -> Comparison:
-    """Restore, check, re-run and compare; raises ChexopsError on refusal."""
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Turn an unexpected failure (MlflowException, OSError, ...) of one step into a one-line
+    ChexopsError naming the step, with credentials redacted."""
+    try:
+        yield
+    except (ChexopsError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "no message")
+        raise ChexopsError(f"{what} failed: {type(exc).__name__}: "
+                           f"{remote.redact(detail)[:300]}; nothing in your workspace was changed "
+                           f"(reproduce with --keep to inspect the temporary one)") from exc
+
+
+def reproduce(ref: str, params: Params, root: Path, ws: Path, tolerance: float,
+              rederive: bool = False) -> Comparison:
+    """Restore, check, re-run and compare; raises ChexopsError on refusal or failure."""
     from chexops.tracking import main_repo_root, redact_uri
 
     main_root = main_repo_root(root)
-    client, uri = open_client(params, root)
-    trial = load_trial(client, ref, redact_uri(uri))
+    with step("opening the tracking store"):
+        client, uri = open_client(params, root)
+    with step("finding the trial"):
+        trial = load_trial(client, ref, redact_uri(uri))
     commit = trial.tags.get("git.commit")
     if not commit or commit == "None":
         raise ChexopsError(f"trial {trial.run_id} recorded no git commit (made outside a git "
                            f"repository); its code cannot be restored")
-    print(f"reproduce: trial {trial.run_id} ({trial.name}), commit {commit[:12]}", file=sys.stderr)
-    if (warning := code_warning(trial)):
+    with step("restoring the code"):
+        code, experiment, note = code_commit(main_root, trial)
+    source_of = f"DVC experiment {experiment!r}, commit {code[:12]}" if experiment \
+        else f"commit {commit[:12]}"
+    print(f"reproduce: trial {trial.run_id} ({trial.name}), {source_of}", file=sys.stderr)
+    if note:
+        print(f"reproduce: warning: {note}", file=sys.stderr)
+    if (warning := code_warning(trial, experiment)):
         print(warning, file=sys.stderr)
-    raw = restored_params(client, trial)
+    with step("restoring the params"):
+        raw = restored_params(client, trial)
     if (diff := params_mismatch(raw, trial)):
         print(f"reproduce: warning: restored params differ from the trial's logged params at "
               f"{', '.join(diff[:5])}", file=sys.stderr)
-    make_workspace(main_root, commit, ws)
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cache = share_dvc_config(main_root, ws)
-    env = pipeline_env(uri)
-    source = str((raw.get("data") or {}).get("source", "?"))
-    restored = restore_data(ws, trial, cache, env, source)
+    with step("restoring the code"):
+        make_workspace(main_root, code, ws)
+        (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with step("restoring the data"):
+        cache = share_dvc_config(main_root, ws)
+        env = pipeline_env(uri)
+        source = str((raw.get("data") or {}).get("source", "?"))
+        restored = restore_data(ws, trial, cache, env, source, rederive)
     for out, how in restored.items():
         print(f"reproduce: {out} at the recorded md5 ({how})", file=sys.stderr)
-    rerun(ws, env)
-    new = new_trial(client, ws)
-    client.set_tag(new.info.run_id, "chexops.reproduces", trial.run_id)
-    rounds = sorted(s for s in _stages(ws) if s.startswith("train-round-"))
-    # source data was checked on the way in; the rest is what the re-run derived
-    derived = {k: v for k, v in lock_md5s(ws).items() if k in trial.data_md5s and k not in restored}
-    derived.update({out: trial.data_md5s[out] for out in restored})
-    comparison = compare(trial.metrics, dict(new.data.metrics), old_weights_hashes(client, trial),
-                         new_weights_hashes(ws, rounds), trial.data_md5s, derived, tolerance)
+    with step("re-running the pipeline"):
+        rerun(ws, env)
+    with step("comparing the reproduction with the trial"):
+        new = new_trial(client, ws)
+        client.set_tag(new.info.run_id, "chexops.reproduces", trial.run_id)
+        rounds = sorted(s for s in _stages(ws) if s.startswith("train-round-"))
+        # source data was checked on the way in; the rest is what the re-run derived
+        derived = {k: v for k, v in lock_md5s(ws).items()
+                   if k in trial.data_md5s and k not in restored}
+        derived.update({out: trial.data_md5s[out] for out in restored})
+        comparison = compare(trial.metrics, dict(new.data.metrics),
+                             old_weights_hashes(client, trial), new_weights_hashes(ws, rounds),
+                             trial.data_md5s, derived, tolerance)
     print(format_comparison(comparison, trial.run_id, new.info.run_id, tolerance))
     return comparison
 
@@ -475,7 +590,9 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     ws = Path(tempfile.mkdtemp(prefix="chexops-reproduce-", dir=args.workdir)) / "repo"
     keep = args.keep
     try:
-        comparison = reproduce(args.run_ref, params, root, ws, args.tolerance)
+        with step("reproduce"):  # a safety net: every step above names itself
+            comparison = reproduce(args.run_ref, params, root, ws, args.tolerance,
+                                   getattr(args, "rederive", False))
     except ChexopsError as exc:
         keep = keep or "(kept;" in str(exc)  # a failed re-run is kept for inspection
         raise
