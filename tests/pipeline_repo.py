@@ -19,7 +19,8 @@ VENV_BIN = Path(sys.executable).parent
 
 # Reduced profile: tiny images, a few hundred of them, one epoch per round.
 REDUCED = {
-    "runtime": {"threads": 2, "workers": 0},
+    # CPU even where a GPU is present: the bit-identical checks hold on CPU kernels only
+    "runtime": {"device": "cpu", "threads": 2, "workers": 0},
     "data": {"synthetic": {"train_patients": 90, "valid_patients": 24, "width": 96,
                            "height": 112, "workers": 1}},
     "train": {"image_size": 32, "batch_size": 16},

@@ -128,6 +128,8 @@ def test_close_trial_adopts_executed_runs_and_links_cached_ones(repo, params, mo
     assert trial.data.tags["chexops.trial"] == "true" and trial.data.tags["dvc.exp_name"] == "exp-one"
     assert trial.data.tags["stage.download.run_id"] == cached.run_id
     assert trial.data.tags["data.md5.data/raw"] == "a" * 32 + ".dir"
+    assert {d.dataset.name: d.dataset.digest for d in trial.inputs.dataset_inputs}[
+        "data/raw"] == "a" * 32 + ".dir"  # the trial logs its data as MLflow inputs too
     assert trial.data.params["lr"] == str(params.lr)
     assert trial.data.params["rounds.r2.lr"] == str(list(params.round(2).lr))
     assert trial.data.metrics == {"evaluate.Cardiomegaly.auroc": 0.8}

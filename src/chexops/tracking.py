@@ -311,9 +311,11 @@ def close_trial(params: Params, root: str | Path, evaluate_run_id: str,
     client, exp_id = open_store(params, root)
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro-%Y%m%d-%H%M%S")
     trial = StageRun(client, client.create_run(exp_id, run_name=name).info.run_id, exp_id)
+    md5s = _lock_data_md5s(root)
     try:
         trial.set_tags({"chexops.trial": "true", "chexops.evaluate_run_id": evaluate_run_id,
-                        **provenance_tags(params, root, _lock_data_md5s(root))})
+                        **provenance_tags(params, root, md5s)})
+        _log_datasets(trial, md5s)
         trial.log_params(flatten(to_dict(params)))
         trial.log_metrics(numeric_metrics(metrics))
         trial.set_tags(_link_stage_runs(client, root, trial.run_id))
