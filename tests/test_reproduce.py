@@ -274,7 +274,7 @@ def synthetic_zip(dest: Path) -> Path:
     from chexops.data.synthetic import generate_zip
 
     params = params_from_dict(reduced_params())
-    generate_zip(params.data.synthetic, params.seed, dest / "chexpert-small.zip",
+    generate_zip(params.data.synthetic, params.data.synthetic.seed, dest / "chexpert-small.zip",
                  dest / "truth.parquet")
     return dest / "chexpert-small.zip"
 
