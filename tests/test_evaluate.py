@@ -71,6 +71,35 @@ def test_multi_target_adds_target_column_and_mean():
     assert set(evaluate.stack_curves(curves, "roc").target) == {"Cardiomegaly", "Edema"}
 
 
+def test_multi_target_mean_averages_every_scalar_metric_skipping_undefined():
+    from chexops.metrics import binary_metrics
+
+    y2 = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    p2 = np.array([0.7, 0.6, 0.2, 0.9, 0.1, 0.3, 0.55, 0.8])
+    df = frame(Y).assign(Edema=y2.astype("int8"), Effusion=np.ones(8, dtype="int8"))
+    probs = np.stack([P, p2, np.full(8, 0.7)], axis=1)
+    metrics, _ = evaluate.evaluate_targets(df, probs, ("Cardiomegaly", "Edema", "Effusion"), 0.5)
+    mean = metrics["mean"]
+    a, b, c = binary_metrics(Y, P), binary_metrics(y2, p2), binary_metrics(np.ones(8), np.full(8, 0.7))
+    # AUROC: undefined for the all-positive Effusion, so the mean of the other two
+    assert metrics["Effusion"]["auroc"] is None
+    assert mean["auroc"] == pytest.approx((a["auroc"] + b["auroc"]) / 2)
+    for key in ("precision", "recall", "specificity", "error_rate", "accuracy"):
+        assert mean[key] == pytest.approx((a[key] + b[key] + c[key]) / 3), key
+    assert len({mean[k] for k in ("precision", "recall", "specificity", "error_rate")}) == 4
+    assert "n" not in mean and "threshold" not in mean and "confusion" not in mean
+    assert json.dumps(metrics)
+
+
+def test_mean_metrics_averages_tta_records_and_keeps_none_when_nowhere_defined():
+    records = [{"auroc": 0.8, "precision": None, "tta": {"auroc": 0.82, "recall": 0.5, "views": 4}},
+               {"auroc": 0.6, "precision": None, "tta": {"auroc": 0.7, "recall": 0.7, "views": 4}}]
+    mean = evaluate.mean_metrics(records)
+    assert mean["auroc"] == pytest.approx(0.7) and mean["precision"] is None
+    assert mean["tta"] == {"auroc": pytest.approx(0.76), "recall": pytest.approx(0.6), "views": 4}
+    assert "recall" not in mean  # only what the targets report
+
+
 # ---------------------------------------------------------------- the stage
 
 @pytest.fixture()

@@ -118,3 +118,34 @@ def test_report_page_is_self_contained_and_escapes_text():
     assert page.startswith("<!DOCTYPE html>") and "<script>" not in page
     assert "&lt;script&gt;" in page and "0.812" in page and "n/a" in page
     assert page.count("data:image/png;base64,") == 1 and "note &amp; more" in page
+
+
+def test_gradcam_figures_read_multiclass_weights_by_their_coding(tmp_path, monkeypatch):
+    """U-MultiClass weights (3 logits per target): the report's Grad-CAM path builds the right
+    head and scores each case by z_pos - z_neg (the coding goes through to gradcam)."""
+    from chexops import gradcam
+    from chexops.stages import evaluate_report
+    from tests.tiny_model import tiny_multiclass_weights
+
+    params = tiny_params(tmp_path, gradcam_per_kind=2)
+    weights = tiny_multiclass_weights(tmp_path, params)
+    valid = valid_frame()
+    images = np.random.default_rng(1).integers(0, 255, (N, SIZE, SIZE), dtype=np.uint8)
+    monkeypatch.setitem(sys.modules, "chexops.inference",
+                        types.SimpleNamespace(load_images=lambda p, df, z, r: images[: len(df)]))
+    predictor = predict.predictor_from_weights(weights, params)
+    probs = predictor.probabilities(images)
+    seen = []
+    real = gradcam.gradcam
+
+    def spy(model, imgs, target, device="cpu", batch=16, coding=None):
+        seen.append(coding)
+        return real(model, imgs, target, device, batch, coding=coding)
+
+    monkeypatch.setattr(gradcam, "gradcam", spy)
+    figures = evaluate_report._gradcam_figures(params, tmp_path, valid, probs, weights)
+    assert sorted(figures) == ["gradcam-cardiomegaly-fn.png", "gradcam-cardiomegaly-fp.png",
+                               "gradcam-cardiomegaly-tp.png"]
+    assert len(seen) == 3 and all(c is not None and c.kinds == ("multiclass",) for c in seen)
+    titles = [ax.get_title() for f in figures.values() for ax in f.axes if ax.get_title()]
+    assert titles and all(re.search(r"p=\d\.\d\d", t) for t in titles)

@@ -78,3 +78,49 @@ def test_case_grids_are_png_figures(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "patient00001/study1" in grids["FN"].axes[0].get_title()
     assert gradcam.overlay(images[0], np.zeros((SIZE, SIZE))).shape == (SIZE, SIZE, 3)
+
+
+# ---------------------------------------------------------------- U-MultiClass outputs
+
+def test_target_score_reads_each_target_by_its_own_slice():
+    from chexops.uncertainty import OutputCoding
+
+    coding = OutputCoding(("binary", "multiclass", "binary"))
+    logits = torch.tensor([[0.5, 1.0, 3.0, -2.0, 7.0],
+                           [-1.0, 2.0, 0.0, 4.0, -3.0]])
+    torch.testing.assert_close(gradcam.target_score(logits, 0, coding), logits[:, 0])
+    torch.testing.assert_close(gradcam.target_score(logits, 1, coding), logits[:, 2] - logits[:, 1])
+    torch.testing.assert_close(gradcam.target_score(logits, 2, coding), logits[:, 4])
+    torch.testing.assert_close(gradcam.target_score(logits, 1), logits[:, 1])  # no coding: output j
+
+
+class SplitHead(nn.Module):
+    """Three logits (neg, pos, uncertain): z_neg from channel 1 (dark areas), z_pos from
+    channel 0 (bright areas), so only z_pos - z_neg points at the bright evidence."""
+
+    def forward(self, feats):
+        m = feats.mean(dim=(2, 3))
+        return torch.stack([m[:, 1], m[:, 0], torch.zeros_like(m[:, 0])], dim=1)
+
+
+def test_multiclass_gradcam_follows_pos_minus_neg():
+    from chexops.uncertainty import OutputCoding
+
+    body = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4))
+    with torch.no_grad():
+        body[0].weight[0].fill_(0.1)    # channel 0: bright pixels
+        body[0].weight[1].fill_(-0.1)   # channel 1: dark pixels
+        body[0].bias.fill_(0.0)
+    model = ChexNet(body, SplitHead(), "toy")
+    q = SIZE // 2
+    images = np.zeros((2, SIZE, SIZE), dtype=np.uint8)
+    images[:, :q, :q] = 230   # the positive evidence: top-left quadrant
+    cams = gradcam.gradcam(model, images, 0, coding=OutputCoding(("multiclass",)))
+    assert cams[:, : q - 6, : q - 6].mean() > 0.9 and cams[:, q + 6:, q + 6:].max() < 0.05
+    # reading output 0 as the target's logit (the old bug) maps the negative evidence instead
+    wrong = gradcam.gradcam(model, images, 0)
+    assert wrong[:, : q - 6, : q - 6].max() < 0.05 and wrong[:, q + 6:, q + 6:].mean() > 0.9
+    grids = gradcam.case_grids(model, images, ["a/b/c/d.jpg"] * 2, np.array([1, 1]),
+                               np.array([.9, .8]), 0, "Cardiomegaly", 0.5, per_kind=2,
+                               coding=OutputCoding(("multiclass",)))
+    assert len(grids["TP"].axes[0].images) == 1

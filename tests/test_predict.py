@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -124,3 +125,126 @@ def test_missing_weights_and_unknown_runs_are_clear_errors(tmp_path, monkeypatch
         predict.load_predictor("runs:/0123456789abcdef0123456789abcdef/model", params, tmp_path)
     with pytest.raises(ChexopsError, match="models:/nobody@champion not found"):
         predict.load_predictor("models:/nobody@champion", params, tmp_path)
+
+
+# ---------------------------------------------------------------- same pixels as training
+
+def test_decode_gives_the_training_cache_pixels(tmp_path):
+    """A JPEG (grey or RGB, small or large enough for the decoder's draft) and a PNG decode to
+    the very uint8 array the training image cache (chexops.data.images) holds for them."""
+    import zipfile
+
+    from chexops.data.images import ZipImages, load_image_array
+
+    rng = np.random.default_rng(7)
+    files = {}
+    for name, shape in (("grey.jpg", (40, 32)), ("big.jpg", (300, 250)),
+                        ("rgb.jpg", (90, 70, 3)), ("grey.png", (50, 44))):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
+            buf, format="PNG" if name.endswith("png") else "JPEG", quality=85)
+        files[f"CheXpert-v1.0-small/valid/p1/s1/{name}"] = buf.getvalue()
+    zip_path = tmp_path / "images.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+    for size in (SIZE, 64):
+        cache = load_image_array(zip_path, list(files), size)
+        with ZipImages(zip_path) as zi:
+            for k, (member, data) in enumerate(files.items()):
+                ours = predict.decode_image(data, size)
+                np.testing.assert_array_equal(ours, zi.read(member, size), err_msg=member)
+                np.testing.assert_array_equal(ours, cache[k], err_msg=member)
+                path = tmp_path / Path(member).name
+                path.write_bytes(data)
+                np.testing.assert_array_equal(predict.decode_image(path, size), ours)
+    # the check has teeth: the bilinear resize predict used before gives other pixels
+    with Image.open(io.BytesIO(files["CheXpert-v1.0-small/valid/p1/s1/grey.png"])) as img:
+        bilinear = np.asarray(img.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+    assert not np.array_equal(bilinear, predict.decode_image(
+        files["CheXpert-v1.0-small/valid/p1/s1/grey.png"], SIZE))
+
+
+# ---------------------------------------------------------------- U-MultiClass weights
+
+def test_multiclass_weights_give_sigmoid_of_pos_minus_neg(tmp_path):
+    from chexops.batches import to_input
+    from tests.tiny_model import tiny_multiclass_weights
+
+    params = tiny_params(tmp_path)
+    predictor = predict.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
+    assert predictor.coding.kinds == ("multiclass",) and predictor.coding.n_outputs == 3
+    sources = [png_bytes(radiograph(s)) for s in range(4)]
+    frame = predictor.predict(sources)
+    assert list(frame.columns) == ["image", "Cardiomegaly", "error"]
+    decoded = np.stack([predict.decode_image(s, SIZE) for s in sources])
+    with torch.inference_mode():
+        z = predictor.model(to_input(torch.from_numpy(decoded), torch.device("cpu"))).double().numpy()
+    assert z.shape == (4, 3)
+    expected = 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0])))
+    np.testing.assert_allclose(frame["Cardiomegaly"], expected, atol=1e-6)
+    soft = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)   # = p(pos) / (p(pos) + p(neg))
+    np.testing.assert_allclose(expected, soft[:, 1] / (soft[:, 0] + soft[:, 1]), atol=1e-9)
+    assert not np.allclose(expected, 1.0 / (1.0 + np.exp(-z[:, 0])))  # not a plain sigmoid
+
+
+def test_weights_without_coding_are_binary_and_a_wrong_coding_is_refused(tmp_path):
+    from chexops.model import build_model, save_weights
+
+    params = tiny_params(tmp_path)
+    assert predict.predictor_from_weights(tiny_weights(tmp_path, params), params).coding.kinds \
+        == ("binary",)
+    bad = tmp_path / "two.safetensors"
+    save_weights(build_model(params.model, 4), bad, {"targets": "Cardiomegaly",
+                                                     "coding": "binary,multiclass"})
+    with pytest.raises(ChexopsError, match="covers 2 targets, not the 1"):
+        predict.predictor_from_weights(bad, params)
+
+
+def test_multiclass_heatmaps_use_the_weights_coding(tmp_path, monkeypatch):
+    """write_heatmaps scores the target under the weights' coding (what that score is, z_pos -
+    z_neg, is tested in test_gradcam on a model whose Grad-CAM is not degenerate)."""
+    from chexops import gradcam
+    from tests.tiny_model import tiny_multiclass_weights
+
+    params = tiny_params(tmp_path)
+    predictor = predict.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
+    seen = []
+    real = gradcam.gradcam
+
+    def spy(model, images, target, device="cpu", batch=16, coding=None):
+        seen.append((target, coding))
+        return real(model, images, target, device, batch, coding=coding)
+
+    monkeypatch.setattr(gradcam, "gradcam", spy)
+    source = tmp_path / "x.png"
+    source.write_bytes(png_bytes(radiograph(3)))
+    frame = predictor.predict([source])
+    written = predict.write_heatmaps(predictor, [source], frame, tmp_path / "heat")
+    assert [p.name for p in written] == ["0000-x-cardiomegaly.png"]
+    assert seen == [(0, predictor.coding)] and predictor.coding.kinds == ("multiclass",)
+    image = predict.decode_image(source, SIZE)
+    cam = real(predictor.model, image[None], 0, coding=predictor.coding)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gradcam.overlay(image, cam))
+
+
+# ---------------------------------------------------------------- exit status
+
+def test_cli_fails_when_every_image_is_flagged_but_still_prints_the_table(tmp_path, images,
+                                                                          capsys):
+    params = tiny_params(tmp_path)
+    weights = tiny_weights(tmp_path, params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
+    heat = tmp_path / "heat"
+    args = ["--root", str(tmp_path), "predict", str(images["text"]), str(images["rgba"]),
+            "--model", str(weights), "--heatmaps", str(heat)]
+    assert cli.main(args) == 2
+    out = capsys.readouterr()
+    csv = pd.read_csv(io.StringIO(out.out), keep_default_na=False)
+    assert len(csv) == 2 and csv["error"].astype(bool).all()
+    assert "all 2 images flagged" in out.err and "not a readable image" in out.err
+    assert len(out.err.strip().splitlines()) == 1  # one line, no traceback
+    assert not list(heat.glob("*.png"))
+    # one good image among them is enough for success
+    assert cli.main(args[:3] + [str(images["png"])] + args[3:]) == 0
+    assert "2 of 3 images flagged" in capsys.readouterr().err

@@ -3,6 +3,7 @@ promoted to champion, loaded back by alias, and the same numbers as the weights 
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -84,3 +85,86 @@ def test_champion_command_and_unknown_model(tmp_path, store, capsys):
     assert "cannot set nobody@champion" in capsys.readouterr().err
     with pytest.raises(ChexopsError, match="cannot set chexops-test@champion to version 9"):
         registry.set_champion("chexops-test", 9)
+
+
+# ---------------------------------------------------------------- U-MultiClass, portability
+
+def test_multiclass_weights_log_load_and_predict_like_the_weights(tmp_path, store):
+    import mlflow.pyfunc
+
+    from tests.tiny_model import tiny_multiclass_weights
+
+    params, binary_weights, run_id = store
+    weights = tiny_multiclass_weights(tmp_path, params, seed=1)
+    config = registry.model_config(params, weights)
+    assert config["coding"] == "multiclass" and config["targets"] == ["Cardiomegaly"]
+    assert registry.model_config(params, binary_weights)["coding"] == "binary"
+    assert registry.model_config(params)["coding"] == "binary"
+    info = registry.log_model(params, tmp_path, run_id, weights)
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    predictor = model.unwrap_python_model().predictor
+    assert predictor.coding.kinds == ("multiclass",) and predictor.coding.n_outputs == 3
+    imgs = [png_bytes(radiograph(s)) for s in range(3)]
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in imgs]}))
+    direct = predict.predictor_from_weights(weights, params)  # tested: sigmoid(z_pos - z_neg)
+    np.testing.assert_allclose(out["Cardiomegaly"], direct.predict(imgs)["Cardiomegaly"], atol=1e-6)
+
+
+def test_a_config_logged_before_coding_existed_loads_as_binary(tmp_path, store):
+    params, weights, _ = store
+    config = registry.model_config(params)
+    del config["coding"]
+    predictor = registry.build_predictor(weights, config)
+    assert predictor.coding.kinds == ("binary",)
+    imgs = [png_bytes(radiograph(s)) for s in range(2)]
+    np.testing.assert_allclose(predictor.predict(imgs)["Cardiomegaly"],
+                               predict.predictor_from_weights(weights, params)
+                               .predict(imgs)["Cardiomegaly"], atol=1e-6)
+
+
+LOAD_WITHOUT_INSTALL = r"""
+import importlib.util, json, sys
+from pathlib import Path
+# hide the editable install (its .pth puts src/ on sys.path) and any other chexops on the path
+sys.path = [p for p in sys.path if not (Path(p or ".") / "chexops").is_dir()]
+assert importlib.util.find_spec("chexops") is None, "chexops is still importable"
+import base64, io
+import mlflow.pyfunc, numpy as np, pandas as pd
+from PIL import Image
+model = mlflow.pyfunc.load_model(sys.argv[1])
+buf = io.BytesIO()
+Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40), dtype=np.uint8)).save(buf, "PNG")
+out = model.predict(pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]}))
+import chexops
+print(json.dumps({"chexops": chexops.__file__, "p": float(out["Cardiomegaly"][0]),
+                  "error": out["error"][0]}))
+"""
+
+
+def test_logged_model_carries_its_code_and_loads_without_chexops_installed(tmp_path, store):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    params, weights, run_id = store
+    info = registry.log_model(params, tmp_path, run_id, weights)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri,
+                                                     dst_path=str(tmp_path / "dl")))
+    assert (local / "code/chexops/registry.py").is_file()
+    assert not list((local / "code").rglob("__pycache__"))
+    requirements = (local / "requirements.txt").read_text().lower()
+    assert all(f"{p.lower()}==" in requirements for p in ("torch", "timm", "pyyaml", "safetensors"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_INSTALL, str(local)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["chexops"]).resolve().is_relative_to((local / "code").resolve())
+    assert result["error"] == ""
+    here = predict.predictor_from_weights(weights, params)
+    buf_png = png_bytes(np.random.default_rng(1).integers(0, 255, (48, 40), dtype=np.uint8))
+    assert result["p"] == pytest.approx(here.predict([buf_png])["Cardiomegaly"][0], abs=1e-6)

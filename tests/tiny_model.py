@@ -46,3 +46,21 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def radiograph(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)
+
+
+def tiny_multiclass_weights(tmp_path: Path, params, seed: int = 0,
+                            name: str = "multiclass.safetensors") -> Path:
+    """Weights as a U-MultiClass round writes them: three logits (neg, pos, uncertain) per
+    target and metadata coding="multiclass,..." (chexops.uncertainty.OutputCoding)."""
+    import torch
+
+    from chexops.model import build_model, save_weights
+    from chexops.uncertainty import MULTICLASS, OutputCoding
+
+    coding = OutputCoding((MULTICLASS,) * len(params.targets))
+    torch.manual_seed(seed)
+    model = build_model(params.model, coding.n_outputs).eval()
+    path = tmp_path / name
+    save_weights(model, path, {"arch": params.model.arch, "targets": ",".join(params.targets),
+                               "coding": coding.to_str()})
+    return path

@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # `<target>_score` column works for any target.
 TRUTH_SCORE_COLUMNS = {"Cardiomegaly": ("ctr", "cardiothoracic_ratio", "Cardiomegaly_ratio")}
 
+# per-target scalar metrics that the multi-target `mean` record averages (macro, skipping None)
+MEAN_KEYS = ("auroc", "ceiling_auroc", "precision", "recall", "specificity", "error_rate",
+             "accuracy")
+
 
 def plain(obj: Any) -> Any:
     """NumPy scalars/arrays -> Python values, so JSON writes numbers, not strings."""
@@ -124,10 +128,29 @@ def evaluate_targets(df: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ..
         metrics[target] = record
         curves[target] = {"roc": roc_frame(y_true, y_prob), "pr": pr_frame(y_true, y_prob),
                           "confusion": confusion_frame(y_true, y_prob, threshold)}
-    aurocs = [m["auroc"] for m in metrics.values() if m.get("auroc") is not None]
     if len(targets) > 1:
-        metrics["mean"] = {"auroc": float(np.mean(aurocs)) if aurocs else None}
+        metrics["mean"] = mean_metrics([metrics[t] for t in targets])
     return metrics, curves
+
+
+def mean_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Macro mean over targets of every per-target scalar metric (MEAN_KEYS), each over the
+    targets where it is defined (None where it is nowhere); a nested `tta` record (test-time
+    augmentation) is averaged the same way."""
+    out: dict[str, Any] = {}
+    for key in MEAN_KEYS:
+        present = [r[key] for r in records if key in r]
+        if not present:
+            continue
+        defined = [float(v) for v in present if v is not None]
+        out[key] = float(np.mean(defined)) if defined else None
+    nested = [r["tta"] for r in records if isinstance(r.get("tta"), dict)]
+    if nested:
+        out["tta"] = mean_metrics(nested)
+        views = {r.get("views") for r in nested} - {None}
+        if len(views) == 1:
+            out["tta"]["views"] = views.pop()
+    return out
 
 
 def stack_curves(curves: dict[str, dict[str, pd.DataFrame]], kind: str) -> pd.DataFrame:

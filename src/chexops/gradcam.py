@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
     from chexops.model import ChexNet
+    from chexops.uncertainty import OutputCoding
 
 KINDS = ("TP", "FN", "FP")
 
@@ -26,9 +27,24 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
+def target_score(logits: "torch.Tensor", target: int,
+                 coding: "OutputCoding | None" = None) -> "torch.Tensor":
+    """(N,) score of target `target` whose gradient Grad-CAM follows: its logit (binary), or
+    z_pos - z_neg for a U-MultiClass target (its positive probability is the sigmoid of that).
+    Without a coding, output `target` is the target's logit."""
+    if coding is None:
+        return logits[:, target]
+    sl = coding.slices()[target]
+    if sl.stop - sl.start == 1:
+        return logits[:, sl.start]
+    return logits[:, sl.start + 1] - logits[:, sl.start]   # neg 0, pos 1, uncertain 2
+
+
 def gradcam(model: "ChexNet", images: np.ndarray, target: int,
-            device: "torch.device | str" = "cpu", batch: int = 16) -> np.ndarray:
-    """(N, S, S) uint8 images -> (N, S, S) heatmaps in [0, 1] for output `target`."""
+            device: "torch.device | str" = "cpu", batch: int = 16,
+            coding: "OutputCoding | None" = None) -> np.ndarray:
+    """(N, S, S) uint8 images -> (N, S, S) heatmaps in [0, 1] for target `target` (scored by
+    `target_score` under the model's output coding)."""
     import torch
 
     from chexops.batches import to_input
@@ -40,7 +56,7 @@ def gradcam(model: "ChexNet", images: np.ndarray, target: int,
         with torch.enable_grad():
             feats = model.body(x).detach().requires_grad_(True)
             logits = model.head(feats)
-            grad, = torch.autograd.grad(logits[:, target].sum(), feats)
+            grad, = torch.autograd.grad(target_score(logits, target, coding).sum(), feats)
         weights = grad.mean(dim=(2, 3), keepdim=True)            # channel importance
         cam = torch.relu((weights * feats.detach()).sum(dim=1, keepdim=True))
         cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear",
@@ -108,13 +124,13 @@ def grid_figure(images: np.ndarray, cams: np.ndarray, titles: list[str], heading
 
 def case_grids(model: "ChexNet", images: np.ndarray, paths: list[str], y_true: np.ndarray,
                y_prob: np.ndarray, target: int, target_name: str, threshold: float,
-               per_kind: int = 4, seed: int = 0,
-               device: "torch.device | str" = "cpu") -> dict[str, "Figure"]:
+               per_kind: int = 4, seed: int = 0, device: "torch.device | str" = "cpu",
+               coding: "OutputCoding | None" = None) -> dict[str, "Figure"]:
     """{'TP'|'FN'|'FP': Figure}: Grad-CAM grids of a seeded sample of each kind of case."""
     cases = select_cases(y_true, y_prob, threshold, per_kind, seed)
     figures = {}
     for kind, rows in cases.items():
-        cams = gradcam(model, images[rows], target, device)
+        cams = gradcam(model, images[rows], target, device, coding=coding)
         titles = [f"{'/'.join(paths[r].split('/')[-3:-1])}\np={y_prob[r]:.2f}" for r in rows]
         figures[kind] = grid_figure(images[rows], cams, titles,
                                     f"{target_name}: {kind} ({len(rows)} of the sample)")

@@ -1,11 +1,12 @@
 """The MLflow model registry: the final weights as a pyfunc model, registered, with a `champion`.
 
 The pyfunc model holds the safetensors weights and a small JSON config (model params, targets,
-image size) as artifacts; loading it rebuilds the ChexNet from the installed chexops package
-(serve with `--env-manager local` in this project's environment). Its input is a DataFrame with
-one column `image` holding base64-encoded image files (JPEG/PNG), so a REST client can send
-radiographs as they are; its output has one probability column per target and an `error`
-column that flags images that could not be read (the others are still predicted).
+image size, output coding) as artifacts, and the chexops package itself as code (code_paths),
+so it loads in any environment with the pip requirements it lists, chexops installed or not.
+Its input is a DataFrame with one column `image` holding base64-encoded image files
+(JPEG/PNG), so a REST client can send radiographs as they are; its output has one
+probability column per target and an `error` column that flags images that could not be read
+(the others are still predicted).
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
-PIP_PACKAGES = ("torch", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow")
+# what chexops imports when the pyfunc loads and predicts (config reads YAML; timm needs
+# huggingface_hub); chexops itself travels as code (code_paths), not as a requirement
+PIP_PACKAGES = ("torch", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow", "pyyaml",
+                "huggingface_hub")
 
 
 def model_name(params: "Params") -> str:
@@ -70,27 +74,40 @@ def _b64(value: Any) -> bytes | None:
         return None
 
 
-def model_config(params: "Params") -> dict[str, Any]:
-    """What the pyfunc needs to rebuild the network and read images."""
+def model_config(params: "Params", weights: Path | None = None) -> dict[str, Any]:
+    """What the pyfunc needs to rebuild the network and read images and outputs: model params,
+    and the arch, targets and output coding (U-MultiClass) the weights' metadata records
+    (params' targets and all-binary when there are no weights or no metadata)."""
     from chexops.config import to_dict
+    from chexops.predict import coding_from_metadata, weights_spec
 
     model = dict(to_dict(params.model), pretrained=False)  # weights come from the artifact
-    return {"model": model, "targets": list(params.targets), "image_size": params.train.image_size}
+    if weights is not None:
+        arch, targets, coding = weights_spec(weights, params)
+        model["arch"] = arch
+    else:
+        targets = tuple(params.targets)
+        coding = coding_from_metadata({}, targets)
+    return {"model": model, "targets": list(targets), "coding": coding.to_str(),
+            "image_size": params.train.image_size}
 
 
 def build_predictor(weights: Path, config: dict[str, Any]) -> "Predictor":
+    """The Predictor a pyfunc config describes (a config without `coding`, logged before
+    U-MultiClass, is all binary)."""
     import torch
 
     from chexops.config import ModelConfig
     from chexops.model import build_model, load_weights
-    from chexops.predict import Predictor
+    from chexops.predict import Predictor, coding_from_metadata
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})
     targets = tuple(config["targets"])
-    model = build_model(cfg, len(targets))
+    coding = coding_from_metadata(config, targets)
+    model = build_model(cfg, coding.n_outputs)
     load_weights(model, weights)
-    return Predictor(model.eval(), targets, int(config["image_size"]), torch.device("cpu"))
+    return Predictor(model.eval(), targets, int(config["image_size"]), torch.device("cpu"), coding)
 
 
 def example_input(size: int = 64) -> pd.DataFrame:
@@ -117,6 +134,13 @@ def _pip_requirements() -> list[str]:
     return [f"{p}=={md.version(p)}" for p in PIP_PACKAGES]
 
 
+def package_dir() -> Path:
+    """The chexops package folder, logged with the model so it loads without chexops installed."""
+    import chexops
+
+    return Path(chexops.__file__).resolve().parent
+
+
 def use_store(params: "Params", root: Path) -> str:
     """Point MLflow's fluent API (log_model, register, load) at the project's store."""
     from chexops.tracking import open_store, tracking_uri
@@ -137,12 +161,16 @@ def log_model(params: "Params", root: Path, run_id: str, weights: Path) -> "Mode
     # experiment 0, whose artifact root is ./mlruns under the current folder)
     mlflow.set_experiment(experiment_id=mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
+        spec = model_config(params, weights)
         config = Path(tmp) / "config.json"
-        config.write_text(json.dumps(model_config(params), indent=2))
+        config.write_text(json.dumps(spec, indent=2))
+        # Model.log (not the fluent log_model) so the model goes to run `run_id` without
+        # making it the active run; its kwargs reach mlflow.pyfunc.save_model
         return Model.log(artifact_path=None, name=ARTIFACT_NAME, flavor=mlflow.pyfunc,
                          run_id=run_id, python_model=ChexPyfunc(),
                          artifacts={"weights": str(weights), "config": str(config)},
-                         signature=signature(params.targets),
+                         code_paths=[str(package_dir())],
+                         signature=signature(tuple(spec["targets"])),
                          input_example=example_input(params.train.image_size),
                          pip_requirements=_pip_requirements())
 

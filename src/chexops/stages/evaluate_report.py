@@ -53,7 +53,8 @@ def _gradcam_figures(params: Params, root: Path, valid: pd.DataFrame, probs: np.
         grids = gradcam.case_grids(predictor.model, np.asarray(images)[mask],
                                    valid["Path"].astype(str).to_numpy()[mask].tolist(),
                                    labels[mask].astype(int), probs[mask, j], j, t,
-                                   params.evaluate.threshold, per_kind, params.seed)
+                                   params.evaluate.threshold, per_kind, params.seed,
+                                   predictor.device, coding=predictor.coding)
         figures.update({f"gradcam-{gradcam.slug(t)}-{k.lower()}.png": f for k, f in grids.items()})
     return figures
 
