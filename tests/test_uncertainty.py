@@ -151,3 +151,29 @@ def test_multi_label_round_reports_each_target_and_selects_by_mean_auroc(root, r
     assert runs[0][0].figures == ["confusion-Cardiomegaly.png", "confusion-Edema.png"]
     logged = {k: v for step, m in runs[0][0].metrics if step is None for k, v in m.items()}
     assert logged["best.Edema.auroc"] == pytest.approx(per["Edema"]["auroc"])
+
+
+def test_teacher_from_an_mlflow_run_is_fetched_from_the_project_store(tmp_path, monkeypatch):
+    """runs:/<id>/model resolves against the store it is given, not MLflow's default relative to
+    the current folder (a queued trial runs in a DVC temp workspace)."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import save_file
+
+    from chexops.uncertainty import resolve_teacher
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "store" / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    weights = tmp_path / "best.safetensors"
+    save_file({"w": torch.ones(2)}, str(weights))
+    client.log_artifact(run_id, str(weights), "model")
+    elsewhere = tmp_path / "workspace"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    got = resolve_teacher(f"runs:/{run_id}/model", elsewhere, uri)
+    assert got.name == "best.safetensors" and got.read_bytes() == weights.read_bytes()
+    with pytest.raises(ChexopsError, match="cannot fetch runs:/"):
+        resolve_teacher(f"runs:/{'0' * 32}/model", elsewhere, uri)

@@ -151,12 +151,12 @@ def relabel(labels: np.ndarray, mask: np.ndarray, raw: np.ndarray, teacher_probs
 
 # ---------------------------------------------------------------- the teacher
 
-def resolve_teacher(uri: str, root: Path) -> Path:
+def resolve_teacher(uri: str, root: Path, tracking_uri: str | None = None) -> Path:
     """A local weights file (relative to the repo root), or an MLflow URI (runs:/..., models:/...,
     mlflow-artifacts:/...) downloaded to a local folder; a folder yields its one safetensors file
     (best.safetensors preferred)."""
     if ":/" in uri and not Path(uri).exists():
-        path = _download(uri)
+        path = _download(uri, tracking_uri)
     else:
         path = Path(uri) if Path(uri).is_absolute() else Path(root) / uri
     if path.is_dir():
@@ -172,11 +172,14 @@ def resolve_teacher(uri: str, root: Path) -> Path:
     return path
 
 
-def _download(uri: str) -> Path:
+def _download(uri: str, tracking_uri: str | None) -> Path:
+    """Fetched from the project's store (not MLflow's default, which is relative to the current
+    folder: a queued trial runs in a DVC temp workspace)."""
     import mlflow
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
+                                                        registry_uri=tracking_uri))
     except Exception as exc:  # MlflowException, connection errors: all mean "no teacher"
         raise ChexopsError(f"clean.teacher: cannot fetch {uri} from MLflow "
                            f"({exc.__class__.__name__}); check the run id/model name and "
@@ -239,7 +242,9 @@ def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
     rows = np.flatnonzero((raw[:, columns] == -1).any(axis=1)) if columns else np.array([], int)
     if not params.clean.teacher:  # config validation catches it first; this guards direct calls
         raise ChexopsError("selftrained needs a teacher; set clean.teacher")
-    path = resolve_teacher(params.clean.teacher, root)
+    from chexops.tracking import tracking_uri
+
+    path = resolve_teacher(params.clean.teacher, root, tracking_uri(params, root))
     model, coding = load_teacher(params, path)
     probs = np.zeros(raw.shape, dtype=np.float32)
     probs[rows] = predict_images(model, coding, data.images[data.image_rows(rows)], device)
