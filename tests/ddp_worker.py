@@ -1,9 +1,12 @@
 """One rank of the 2-process gloo test (tests/test_distributed.py), started by torchrun:
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [exact]
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [exact|oom]
 
 Trains `tiny_round()` with DistributedDataParallel; rank 0 writes best.safetensors and
 result.json (history, best epoch, and the gathered vs whole-set validation logits).
+`oom`: the `exact` model for one epoch, with an out-of-memory error injected on rank 1 only, in
+the forward of its second step (rank 0 never fails); result.json adds every rank's final
+micro-batch and injected-error count.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ def tiny_data() -> tuple[ArraySet, ArraySet]:
     return make(N_TRAIN), make(N_VALID)
 
 
-def tiny_plan() -> RoundPlan:
-    return RoundPlan(epochs=2, lr=1e-3, freeze=False, seed=SEED, targets=("Cardiomegaly",),
+def tiny_plan(epochs: int = 2) -> RoundPlan:
+    return RoundPlan(epochs=epochs, lr=1e-3, freeze=False, seed=SEED, targets=("Cardiomegaly",),
                      train=TrainConfig(image_size=SIZE, batch_size=BATCH),
                      runtime=RuntimeConfig(device="cpu", threads=1, workers=0))
 
@@ -62,13 +65,32 @@ def tiny_model(exact: bool) -> torch.nn.Module:
     return model
 
 
-def tiny_round(out_dir: Path, exact: bool) -> dict:
+def inject_oom_once(model: torch.nn.Module, at_forward: int = 2) -> dict:
+    """Raise torch.OutOfMemoryError in the at_forward-th training forward (only for chunks of
+    more than 4 items, so the halved retry fits); returns the counters."""
+    state = {"forwards": 0, "raised": 0}
+
+    def hook(module, args):
+        if module.training:
+            state["forwards"] += 1
+            if state["forwards"] == at_forward and args[0].shape[0] > 4:
+                state["raised"] += 1
+                raise torch.OutOfMemoryError("CUDA out of memory (injected on this rank)")
+
+    model.register_forward_pre_hook(hook)
+    return state
+
+
+def tiny_round(out_dir: Path, exact: bool, epochs: int = 2, oom: bool = False) -> dict:
     """The round both the single-process and the 2-process runs train."""
     train, valid = tiny_data()
     model = tiny_model(exact)
-    result = train_round(model, train, valid, tiny_plan(), out_dir / "best.safetensors", "cpu")
+    injected = inject_oom_once(model) if oom else {"raised": 0}
+    result = train_round(model, train, valid, tiny_plan(epochs), out_dir / "best.safetensors",
+                         "cpu")
     return {"history": result.history, "best_epoch": result.best_epoch,
-            "batch_size": result.batch_size, "model": model, "valid": valid}
+            "batch_size": result.batch_size, "micro_batch": result.micro_batch,
+            "ooms": injected["raised"], "model": model, "valid": valid}
 
 
 def gathered_vs_whole(model: torch.nn.Module, valid: ArraySet) -> tuple[np.ndarray, np.ndarray]:
@@ -80,17 +102,22 @@ def gathered_vs_whole(model: torch.nn.Module, valid: ArraySet) -> tuple[np.ndarr
     return gathered, whole
 
 
-def main(out_dir: Path, exact: bool) -> None:
+def main(out_dir: Path, mode: str) -> None:
     torch.set_num_threads(1)
     with distributed.process_group(torch.device("cpu")) as ctx:
-        out = tiny_round(out_dir, exact)
+        oom = mode == "oom"
+        out = tiny_round(out_dir, mode in ("exact", "oom"), epochs=1 if oom else 2,
+                         oom=oom and ctx.rank == 1)
         gathered, whole = gathered_vs_whole(out["model"], out["valid"])
+        ranks: list = [None] * ctx.world_size
+        torch.distributed.all_gather_object(ranks, {"micro_batch": out["micro_batch"],
+                                                    "ooms": out["ooms"]})
         if ctx.is_main:
             (out_dir / "result.json").write_text(json.dumps({
                 "world_size": ctx.world_size, "history": out["history"],
                 "best_epoch": out["best_epoch"], "batch_size": out["batch_size"],
-                "gathered": gathered.tolist(), "whole": whole.tolist()}))
+                "ranks": ranks, "gathered": gathered.tolist(), "whole": whole.tolist()}))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] == ["exact"])
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "recipe")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -139,3 +140,80 @@ def test_pretrained_true_offline_fails_fast_with_fix(monkeypatch, tmp_path):
     cfg = dataclasses.replace(ModelConfig(arch="resnet18"), pretrained=True)
     with pytest.raises(ChexopsError, match="pretrained weights .* unavailable.*pretrained to a local"):
         build_model(cfg, 1)
+
+
+def test_pickled_module_pth_is_refused_in_one_line_naming_file_and_fix(tmp_path):
+    path = tmp_path / "whole-model.pth"
+    torch.save(nn.Linear(2, 2), path)  # the model object, pickled: code, not plain weights
+    with pytest.raises(ChexopsError) as err:
+        build_model(ModelConfig(arch="resnet18", pretrained=str(path)), 1)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    assert "UnpicklingError" in msg and "torch.save(model.state_dict(), path)" in msg
+
+
+def test_corrupt_safetensors_is_refused_in_one_line_naming_file_and_fix(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all, just garbage")
+    with pytest.raises(ChexopsError) as err:
+        build_model(ModelConfig(arch="resnet18", pretrained=str(path)), 1)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "not a readable safetensors file" in msg
+
+
+def test_relative_pretrained_path_is_resolved_against_the_root_not_the_cwd(tmp_path,
+                                                                           monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from chexops.model import pretrained_path
+
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18", pretrained=False)
+    (tmp_path / "repo" / "weights").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "repo" / "weights" / "r18.safetensors"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = ModelConfig(arch="resnet18", pretrained="weights/r18.safetensors")
+    assert pretrained_path(cfg, tmp_path / "repo") == tmp_path / "repo/weights/r18.safetensors"
+    assert pretrained_path(ModelConfig(pretrained=False), tmp_path) is None
+    model = build_model(cfg, 1, root=tmp_path / "repo")
+    assert torch.equal(model.body.conv1.weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_pretrained_true_restores_the_hub_environment(monkeypatch, succeeds):
+    """Offline mode is forced only for the one timm call: os.environ and huggingface_hub's
+    constants are as they were afterwards, whether the call worked or failed."""
+    import huggingface_hub.constants as hub_constants
+    import timm
+
+    import chexops.model as model_mod
+
+    for key in ("HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda: False)
+    during = {}
+
+    def fake_create_model(arch, **kwargs):
+        if not kwargs.get("pretrained"):  # the arch check and plain bodies are untouched
+            return real_create(arch, **kwargs)
+        during.update(env=os.environ.get("HF_HUB_OFFLINE"), const=hub_constants.HF_HUB_OFFLINE)
+        if not succeeds:
+            raise OSError("not in the cache")
+        return real_create(arch, **{**kwargs, "pretrained": False})
+
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    cfg = dataclasses.replace(ModelConfig(arch="resnet18"), pretrained=True)
+    if succeeds:
+        build_model(cfg, 1)
+    else:
+        with pytest.raises(ChexopsError, match="pretrained weights .* unavailable"):
+            build_model(cfg, 1)
+    assert during == {"env": "1", "const": True}
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+    assert "HF_HUB_ETAG_TIMEOUT" not in os.environ

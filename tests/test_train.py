@@ -332,3 +332,97 @@ def test_predict_probs_in_order_and_in_range():
     one = predict_probs(model, make_loader(ArraySet(data.images[2:3], data.labels[2:3],
                                                     data.mask[2:3]), 4, False, None), "cpu")
     assert one[0, 0] == pytest.approx(probs[2, 0], rel=1e-5)
+
+
+def _batch(n: int = 8):
+    data = tiny_data(n)
+    return (torch.from_numpy(data.images), torch.from_numpy(data.labels),
+            torch.from_numpy(data.mask))
+
+
+def test_oom_retry_reuses_the_steps_denominator_collective(monkeypatch):
+    """The label count is all-reduced once per step, before the retry loop: a rank that retries
+    after out-of-memory makes no collective its peers do not make too."""
+    calls = []
+    real = train_mod.distributed.mean_over_ranks
+    monkeypatch.setattr(train_mod.distributed, "mean_over_ranks",
+                        lambda t: calls.append(float(t)) or real(t))
+    model = new_model()
+    sizes = []
+
+    def oom_above_2(module, args):
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("injected")
+
+    model.register_forward_pre_hook(oom_above_2)
+    opt, _ = train_mod.make_optimizer(model, 1e-3, 0.01, (0.95, 0.85))
+    loss, micro = train_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
+    assert micro == 2 and sizes == [8, 4, 2, 2, 2, 2] and torch.isfinite(loss)
+    assert calls == [8.0]  # one denominator for the step, not one per attempt
+
+
+def test_another_ranks_oom_makes_this_rank_halve_too(monkeypatch):
+    """The retry decision is collective: when any rank reports out-of-memory (the all-reduced
+    flag), every rank halves and retries, even one whose own attempt succeeded."""
+    flags = []
+
+    def any_over_ranks(flag, device):  # stands in for the MAX all-reduce over 2 ranks
+        flags.append(flag)
+        return flag or len(flags) == 1  # the other rank failed on the first attempt
+
+    monkeypatch.setattr(train_mod.distributed, "any_over_ranks", any_over_ranks)
+    reduced = []
+    monkeypatch.setattr(train_mod.distributed, "all_reduce_grads", reduced.append)
+    model = new_model()
+    sizes = []
+    model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    opt, _ = train_mod.make_optimizer(model, 1e-3, 0.01, (0.95, 0.85))
+    _, micro = train_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
+    assert flags == [False, False] and micro == 4 and sizes == [8, 4, 4]
+    assert reduced == [model]  # gradients averaged once, after the agreement
+
+
+def test_out_of_memory_in_the_optimizer_step_is_a_clear_error(tmp_path, monkeypatch):
+    def oom_step(self, closure=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", oom_step)
+    with pytest.raises(ChexopsError, match=r"out of memory in the optimizer step .*smaller "
+                                           r"train.batch_size"):
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
+                    tmp_path / "b.safetensors")
+
+
+def test_epoch_is_reported_only_after_its_checkpoint_is_saved(tmp_path):
+    """on_epoch_end (the MLflow epoch log) runs after the checkpoint of that epoch is on disk:
+    a kill between the two resumes after the epoch instead of logging it twice."""
+    ck = tmp_path / "ck" / "last.pt"
+    seen = []
+
+    def on_epoch_end(row):
+        saved = torch.load(ck, weights_only=True)
+        seen.append((row["epoch"], saved["epoch"], saved["history"][-1] == row))
+
+    train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=2),
+                tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="f",
+                on_epoch_end=on_epoch_end)
+    assert seen == [(1, 1, True), (2, 2, True)]
+    assert not ck.exists()  # the finished round still removes it afterwards
+
+
+def test_checkpoint_keeps_the_lr_found(tmp_path, monkeypatch):
+    real_epoch = train_mod.train_one_epoch
+
+    def crash_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_2)
+    ck = tmp_path / "ck" / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(lr=2.5e-3),
+                    tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="f",
+                    lr_found=np.float64(2.5e-3))
+    assert torch.load(ck, weights_only=True)["lr_found"] == 2.5e-3

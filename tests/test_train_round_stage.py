@@ -67,6 +67,7 @@ class FakeRun:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.params, self.metrics, self.dicts, self.figures, self.artifacts = {}, [], {}, [], []
+        self.tags = {}
 
     def log_params(self, values):
         self.params.update(values)
@@ -85,7 +86,7 @@ class FakeRun:
         self.figures.append(name)
 
     def set_tags(self, tags):
-        pass
+        self.tags.update(tags)
 
 
 @pytest.fixture
@@ -251,3 +252,133 @@ def test_interrupted_round_resumes_its_run_and_matches_an_uninterrupted_one(root
     for key, value in load_file(str(root / paths.round_weights(1))).items():
         assert torch.equal(value, uninterrupted[key]), key
     assert json.loads((root / paths.round_metrics(1)).read_text()) == metrics
+
+
+def _kill_in_epoch_2(monkeypatch):
+    real_epoch = train_mod.train_one_epoch
+
+    def killed(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", killed)
+    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+
+
+def _with_dvc_yaml(root: Path) -> Path:
+    """A dvc.yaml whose train-round-1 stage has a code dep under src/ (as the real one does)."""
+    code = root / "src" / "chexops" / "train.py"
+    code.parent.mkdir(parents=True)
+    code.write_text("# the training loop, version 1\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  train-round-1:\n    cmd: chexops train-round 1\n    deps:\n"
+        "      - src/chexops/train.py\n      - data/raw/chexpert.zip\n"
+        "      - data/resampled\n")
+    return code
+
+
+def test_code_deps_are_in_the_fingerprint(root):
+    code = _with_dvc_yaml(root)
+    p = params()
+    md5s = stage.input_md5s(root, 1, False, p)
+    assert "src/chexops/train.py" not in md5s                    # code is not a data input
+    assert set(stage.code_md5s(root, 1)) == {"src/chexops/train.py"}
+    before = stage.round_fingerprint(p, root, 1, md5s)
+    assert stage.round_fingerprint(p, root, 1, md5s) == before
+    code.write_text("# the training loop, version 2\n")
+    assert stage.round_fingerprint(p, root, 1, md5s) != before
+
+
+def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, monkeypatch):
+    code = _with_dvc_yaml(root)
+    p = params()
+    restore = _kill_in_epoch_2(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(p, root, 1)
+    assert (root / paths.CHECKPOINT_DIR / "round-1" / "last.pt").is_file()
+    restore()
+    code.write_text("# the training loop, fixed\n")             # e.g. a bug fix in train.py
+    stage.main(p, root, 1)
+    rerun, resumed = runs[1]
+    assert resumed is None                                       # a new MLflow run
+    assert [step for step, _ in rerun.metrics] == [1, 2]         # epoch 1 trained again
+    meta = json.loads((root / paths.round_meta(1)).read_text())
+    assert meta["resumed_from_epoch"] is None and set(meta["code"]) == {"src/chexops/train.py"}
+
+
+def _resnet18_weights(path: Path, seed: int) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def test_pretrained_weights_file_md5_is_an_input_and_in_the_fingerprint(root):
+    from chexops.repro import file_md5
+
+    weights = root / "weights" / "r18.safetensors"
+    _resnet18_weights(weights, 1)
+    p = params(model={"pretrained": "weights/r18.safetensors"})  # relative to the repo root
+    md5s = stage.input_md5s(root, 1, False, p)
+    assert md5s["weights/r18.safetensors"] == file_md5(weights)
+    assert "weights/r18.safetensors" not in stage.input_md5s(root, 2, False, p)  # round 1's only
+    assert "weights/r18.safetensors" not in stage.input_md5s(root, 1, False, params())
+    before = stage.round_fingerprint(p, root, 1, md5s)
+    _resnet18_weights(weights, 2)                                # same path, new content
+    after_md5s = stage.input_md5s(root, 1, False, p)
+    assert after_md5s["weights/r18.safetensors"] != md5s["weights/r18.safetensors"]
+    assert stage.round_fingerprint(p, root, 1, after_md5s) != before
+
+
+def test_round_one_with_pretrained_file_tags_its_md5_and_resolves_from_the_root(
+        root, runs, tmp_path_factory, monkeypatch):
+    from chexops.repro import file_md5
+
+    weights = root / "weights" / "r18.safetensors"
+    _resnet18_weights(weights, 1)
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))      # not the repo root
+    p = params(model={"pretrained": "weights/r18.safetensors"},
+               rounds={"r1": {"epochs": 1, "freeze": False}})
+    stage.main(p, root, 1)
+    run = runs[0][0]
+    assert run.tags == {"pretrained_path": "weights/r18.safetensors",
+                        "pretrained_md5": file_md5(weights)}
+    meta = json.loads((root / paths.round_meta(1)).read_text())
+    assert meta["inputs"]["weights/r18.safetensors"] == file_md5(weights)
+
+
+def test_resumed_auto_lr_round_reuses_the_lr_found(root, runs, monkeypatch):
+    """`lr: auto`: the range test runs once; the resume trains with the LR stored in the
+    checkpoint and matches an uninterrupted run."""
+    import chexops.lr_find as lr_find
+
+    found = []
+
+    def fake_auto_lr(model, data, plan, device, cfg, where, stage_run=None):
+        found.append(where)
+        return 2e-3, None
+
+    monkeypatch.setattr(lr_find, "auto_lr", fake_auto_lr)
+    p = params(rounds={"r1": {"epochs": 2, "freeze": False, "lr": "auto"}})
+    stage.main(p, root, 1)
+    uninterrupted = load_file(str(root / paths.round_weights(1)))
+    assert found == ["rounds.r1"]
+    restore = _kill_in_epoch_2(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(p, root, 1)
+    ck = root / paths.CHECKPOINT_DIR / "round-1" / "last.pt"
+    assert torch.load(ck, weights_only=True)["lr_found"] == 2e-3
+    assert len(found) == 2
+    restore()
+    monkeypatch.setattr(lr_find, "auto_lr",
+                        lambda *a, **k: pytest.fail("the LR range test ran again on resume"))
+    stage.main(p, root, 1)
+    assert runs[2][1] == runs[1][0].run_id                        # it did resume
+    meta = json.loads((root / paths.round_meta(1)).read_text())
+    assert meta["lr_found"] == 2e-3 and meta["resumed_from_epoch"] == 1
+    for key, value in load_file(str(root / paths.round_weights(1))).items():
+        assert torch.equal(value, uninterrupted[key]), key

@@ -2,8 +2,9 @@
 
 Everything in a checkpoint is a tensor or a plain Python value (RNG states included), so it
 loads with torch.load(weights_only=True): a checkpoint is never unpickled as code.
-A checkpoint belongs to one fingerprint (the round's params and input hashes); a checkpoint
-with another fingerprint is stale and ignored.
+A checkpoint belongs to one fingerprint (the round's params, input hashes and code hashes); a
+checkpoint with another fingerprint is stale and ignored. It also keeps the LR range test's
+choice (`lr_found`, None unless `lr: auto`), so a resumed round trains with the same LR.
 """
 from __future__ import annotations
 

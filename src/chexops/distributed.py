@@ -184,8 +184,9 @@ def set_epoch(loader, epoch: int) -> None:
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel in a group, else the model itself. Buffers are not broadcast at
-    each forward (the OOM fallback may run a different number of forwards per rank);
-    `average_buffers` syncs BatchNorm statistics once per epoch instead."""
+    each forward; `average_buffers` syncs BatchNorm statistics once per epoch instead. The
+    training step runs every backward under `no_sync` and averages the gradients itself
+    (`all_reduce_grads`) once all ranks agree that no one ran out of memory."""
     if not active():
         return model
     ids = [device.index] if device.type == "cuda" else None
@@ -197,7 +198,7 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce for all but the last micro-batch of an accumulated step."""
+    """Skip DDP's gradient all-reduce in this backward unless `sync`."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
@@ -211,6 +212,52 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out)
     return out / world_size()
+
+
+def any_over_ranks(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (one tiny all-reduce): how the ranks
+    agree on an out-of-memory retry, so all of them retry (and make the same collectives)."""
+    if not active():
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+@torch.no_grad()
+def all_reduce_grads(model: nn.Module) -> None:
+    """Average the gradients of the trainable parameters over the ranks, in ~25 MiB flat buckets
+    (what DDP's reducer does during backward; the training step calls it after every rank has
+    finished its backward passes, so an out-of-memory retry never leaves a rank inside a
+    collective the others skipped). A trainable parameter without a gradient counts as zeros."""
+    if not active():
+        return
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model) if isinstance(
+        model, nn.parallel.DistributedDataParallel) else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    w = world_size()
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        last = i == len(params) - 1
+        if size >= GRAD_BUCKET_BYTES or last or params[i + 1].grad.dtype != p.grad.dtype:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat.div_(w)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

@@ -6,9 +6,12 @@ shape whichever architecture or head is chosen: weight keys are `body.*` and `he
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import socket
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -87,6 +90,38 @@ def _hub_reachable() -> bool:
         return False
 
 
+HUB_ENV_DEFAULTS = {"HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _hub_settings(offline: bool) -> Iterator[None]:
+    """Offline mode (and short hub timeouts) for the duration of one timm call; the process's
+    environment and huggingface_hub's constants are restored afterwards, whatever happens."""
+    keys = ("HF_HUB_OFFLINE", *HUB_ENV_DEFAULTS)
+    saved_env = {k: os.environ.get(k) for k in keys}
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:  # pragma: no cover
+        hub_constants = None
+    saved_const = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    try:
+        if offline:  # the cache may still hold the weights; never wait on the network
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            if hub_constants is not None:
+                hub_constants.HF_HUB_OFFLINE = True
+        for k, v in HUB_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_const
+
+
 def _create_pretrained(arch: str) -> nn.Module:
     """timm's pretrained body from the local Hugging Face cache or, with network, the hub."""
     import timm
@@ -94,17 +129,9 @@ def _create_pretrained(arch: str) -> nn.Module:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not offline and not _hub_reachable():
         offline = True
-    if offline:  # the cache may still hold the weights; never wait on the network
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            import huggingface_hub.constants as hub_constants
-            hub_constants.HF_HUB_OFFLINE = True
-        except ImportError:  # pragma: no cover
-            pass
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
-        return timm.create_model(arch, pretrained=True, num_classes=0, global_pool="")
+        with _hub_settings(offline):
+            return timm.create_model(arch, pretrained=True, num_classes=0, global_pool="")
     except Exception as exc:  # timm/hf raise many kinds; all mean "no weights"
         where = "offline and not in the local Hugging Face cache" if offline else "download failed"
         raise ChexopsError(
@@ -117,14 +144,47 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+            raise ChexopsError(
+                f"model.pretrained: {path} is not a readable safetensors file "
+                f"({exc.__class__.__name__}: {_first_line(exc)}); re-download or re-export it "
+                f"with safetensors.torch.save_file(model.state_dict(), path)") from None
+    try:  # never unpickle code: weights_only refuses pickled modules and functions
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (code in the pickle), a truncated/foreign file
+        why = ("UnpicklingError: a pickled object such as a whole model, which chexops never "
+               "unpickles, or not a torch file" if isinstance(exc, pickle.UnpicklingError)
+               else f"{exc.__class__.__name__}: {_first_line(exc)}")
+        raise ChexopsError(
+            f"model.pretrained: {path} cannot be loaded as plain weights ({why}); it must hold "
+            f"only tensors: save "
+            f"torch.save(model.state_dict(), path) (not the model object) or convert it to "
+            f".safetensors") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ChexopsError(f"model.pretrained: {path} holds no state dict; save one with "
                            f"torch.save(model.state_dict(), path) or use safetensors")
     return state
+
+
+def _first_line(exc: BaseException, limit: int = 120) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def pretrained_path(cfg: ModelConfig, root: str | Path | None = None) -> Path | None:
+    """model.pretrained as a file path (None for true/false); a relative path is relative to
+    the repository root (params.yaml's folder), not to the current directory."""
+    if not isinstance(cfg.pretrained, str):
+        return None
+    path = Path(cfg.pretrained).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    return path
 
 
 def load_body_weights(body: nn.Module, path: str | Path) -> None:
@@ -148,23 +208,26 @@ def load_body_weights(body: nn.Module, path: str | Path) -> None:
     body.load_state_dict({k: state[k] for k in own})
 
 
-def build_body(cfg: ModelConfig) -> nn.Module:
+def build_body(cfg: ModelConfig, root: str | Path | None = None) -> nn.Module:
     import timm
 
     _check_arch(cfg.arch)
     if cfg.pretrained is True:
         return _create_pretrained(cfg.arch)
     body = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="")
-    if isinstance(cfg.pretrained, str):
-        load_body_weights(body, cfg.pretrained)
+    path = pretrained_path(cfg, root)
+    if path is not None:
+        load_body_weights(body, path)
     return body
 
 
-def build_model(model_cfg: ModelConfig, n_outputs: int) -> ChexNet:
-    """timm body + fastai-style head (or timm's classifier), one logit per target."""
+def build_model(model_cfg: ModelConfig, n_outputs: int,
+                root: str | Path | None = None) -> ChexNet:
+    """timm body + fastai-style head (or timm's classifier), one logit per target. A relative
+    model.pretrained path is resolved against `root` (the repository root) when given."""
     if n_outputs < 1:
         raise ChexopsError(f"model: needs at least one output, got {n_outputs}; set targets")
-    body = build_body(model_cfg)
+    body = build_body(model_cfg, root)
     n_features = body.num_features
     head = (fastai_head(n_features, n_outputs, model_cfg) if model_cfg.head == "fastai"
             else timm_head(n_features, n_outputs))

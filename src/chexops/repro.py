@@ -175,6 +175,32 @@ def dvc_input_md5s(root: str | Path, stage: str) -> dict[str, str]:
     return result
 
 
+def tree_md5(path: str | Path) -> str:
+    """md5 of a file, or of a folder's sorted (relative path, file md5) list."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    listing = [[f.relative_to(path).as_posix(), file_md5(f)]
+               for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.md5(json.dumps(listing).encode()).hexdigest()
+
+
+def dvc_code_md5s(root: str | Path, stage: str) -> dict[str, str]:
+    """{dep path: md5} for the *code* deps of `stage` (those under src/ in dvc.yaml), computed
+    from the files now (DVC 3's md5 for a file), so a code change shows even while the stage's
+    old dvc.lock entry still describes the previous code. Empty when `root` has no dvc.yaml;
+    deps that do not exist are left out (DVC itself refuses to run the stage then)."""
+    root = Path(root)
+    if not (root / "dvc.yaml").is_file():
+        return {}
+    spec = read_yaml(root / "dvc.yaml").get("stages", {})
+    if stage not in spec:
+        raise ChexopsError(f"stage {stage!r} is not in {root / 'dvc.yaml'}; "
+                           f"run chexops from the repository root or fix the stage name")
+    return {dep: tree_md5(root / dep) for dep in _dep_paths(spec[stage].get("deps"))
+            if dep.startswith(CODE_PREFIXES) and (root / dep).exists()}
+
+
 # ---------------------------------------------------------------- environment
 
 def _git(root: Path, *args: str) -> str | None:

@@ -128,21 +128,30 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return (loss * maskf).sum() / denom
 
 
+def step_denominator(mask: torch.Tensor, s: Settings, over_ranks: bool = True) -> torch.Tensor:
+    """The batch's label count that every chunk's loss is divided by; under DDP the mean over the
+    ranks (one all-reduce), so averaging the ranks' gradients gives the global batch's gradient.
+    Computed once per step: an out-of-memory retry reuses it and makes no extra collective."""
+    denom = mask.to(s.device, non_blocking=True).float().sum()
+    return (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
+
+
 def accumulate_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      mask: torch.Tensor, micro: int, s: Settings,
-                     over_ranks: bool = True) -> torch.Tensor:
+                     over_ranks: bool = True, denom: torch.Tensor | None = None,
+                     sync: bool = True) -> torch.Tensor:
     """Forward/backward the batch in near-equal chunks of <= micro items; the gradient equals
-    the whole batch's (each chunk's loss is divided by the whole batch's label count). Under DDP
-    the count is the mean over ranks, so DDP's gradient averaging gives the global batch's
-    gradient, and only the last chunk all-reduces (over_ranks=False: a rank-local probe)."""
+    the whole batch's (each chunk's loss is divided by the whole batch's label count `denom`,
+    by default `step_denominator`; over_ranks=False: a rank-local probe). Under DDP only the last
+    chunk's backward all-reduces, and none when sync=False (the caller averages the gradients)."""
     labels, mask = labels.to(s.device, non_blocking=True), mask.to(s.device, non_blocking=True)
-    denom = mask.float().sum()
-    denom = (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
+    if denom is None:
+        denom = step_denominator(mask, s, over_ranks)
     chunks = torch.arange(len(images)).tensor_split(-(-len(images) // micro))
     total = torch.zeros((), device=s.device)
     for i, idx in enumerate(chunks):
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        with distributed.no_sync(model, sync=i == len(chunks) - 1):
+        with distributed.no_sync(model, sync=sync and i == len(chunks) - 1):
             with s.autocast():
                 logits = model(to_input(images[sl], s.device, s.channels_last))
             loss = s.loss(logits, labels[sl], mask[sl], denom)
@@ -155,29 +164,65 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-def train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, micro: int,
-               s: Settings) -> tuple[torch.Tensor, int]:
-    """One optimizer step on a batch; on out-of-memory halve the micro-batch and retry the same
-    batch with gradient accumulation, so the effective batch is unchanged. Returns (loss, micro)."""
-    images, labels, mask = batch
+def _free_after_oom(optimizer: torch.optim.Optimizer, s: Settings) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor, micro: int, s: Settings, denom: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, int]:
+    """The step's gradient with micro-batches of <= micro items; on out-of-memory on ANY rank,
+    every rank halves the micro-batch and retries the same batch. The ranks agree through one
+    all-reduce of an OOM flag per attempt, made before any gradient collective, so they stay in
+    lockstep (under DDP every backward runs without sync and the gradients are averaged after
+    the agreement). Returns (loss, micro)."""
     while True:
         optimizer.zero_grad(set_to_none=True)
+        loss, oom = None, False
         try:
-            loss = accumulate_grads(model, images, labels, mask, micro, s)
-            break
+            loss = accumulate_grads(model, images, labels, mask, micro, s, denom=denom,
+                                    sync=not distributed.active())
         except Exception as exc:
             if not _is_oom(exc):
                 raise
-            optimizer.zero_grad(set_to_none=True)
-            if s.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if micro <= MIN_MICRO_BATCH:
-                raise ChexopsError(f"out of memory even at micro-batch {micro}; lower "
-                                   f"train.image_size or use a smaller model.arch") from None
-            micro = max(MIN_MICRO_BATCH, micro // 2)
-            print(f"chexops: out of memory; continuing with micro-batch {micro} and gradient "
-                  f"accumulation (effective batch {len(images)})", file=sys.stderr)
-    optimizer.step()
+            oom = True
+        if not distributed.any_over_ranks(oom, s.device):
+            distributed.all_reduce_grads(model)
+            return loss, micro
+        loss = None
+        _free_after_oom(optimizer, s)
+        if micro <= MIN_MICRO_BATCH:
+            raise ChexopsError(f"out of memory even at micro-batch {micro}; lower "
+                               f"train.image_size or use a smaller model.arch") from None
+        micro = max(MIN_MICRO_BATCH, micro // 2)
+        if distributed.is_main():
+            print(f"chexops: out of memory{' on a rank' if distributed.active() else ''}; "
+                  f"continuing with micro-batch {micro} per rank and gradient accumulation "
+                  f"(per-rank batch {len(images)}, effective batch unchanged)", file=sys.stderr)
+
+
+def train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, micro: int,
+               s: Settings) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a batch; on out-of-memory in forward/backward halve the micro-batch
+    (on every rank together) and retry the same batch with gradient accumulation, so the
+    effective batch is unchanged. An out-of-memory in optimizer.step() is not retried (the
+    parameters may be partly updated): a clear error. Returns (loss, micro)."""
+    images, labels, mask = batch
+    denom = step_denominator(mask, s)  # the step's only collective before the retry loop
+    loss, micro = _forward_backward(model, images, labels, mask, micro, s, denom, optimizer)
+    try:
+        optimizer.step()
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        _free_after_oom(optimizer, s)
+        raise ChexopsError(
+            "out of memory in the optimizer step (AdamW allocates its state at the first step; "
+            "a step cannot be retried once parameters may be partly updated); set a smaller "
+            "train.batch_size (or batch_size: auto), lower train.image_size, or use a smaller "
+            "model.arch") from None
     return loss, micro
 
 
@@ -349,8 +394,10 @@ class _Loop:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None
 
-    def checkpoint(self, epoch: int, fp: str, run_id: str | None) -> dict[str, Any]:
+    def checkpoint(self, epoch: int, fp: str, run_id: str | None,
+                   lr_found: float | None = None) -> dict[str, Any]:
         return {"fingerprint": fp, "epoch": epoch, "run_id": run_id,
+                "lr_found": None if lr_found is None else float(lr_found),
                 "model": state_to_save(self.model), "optimizer": self.optimizer.state_dict(),
                 "step": self.state.step, "micro_batch": self.state.micro,
                 "batch_size": self.batch_size, "rng": ckpt.rng_state(self.generator),
@@ -402,7 +449,8 @@ def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, 
     optimizer, peaks = make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms)
     schedule = OneCycle(optimizer, peaks, plan.epochs * n_batches, plan.train.pct_start,
                         plan.train.div, plan.train.final_div, tuple(plan.train.moms))
-    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, batch_size), batch_size)
+    # the micro-batch is per rank: it starts at this rank's share of the effective batch
+    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, local), batch_size)
     return loop, train_dl, valid_dl, n_batches
 
 
@@ -410,6 +458,8 @@ def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
             metadata: dict[str, str] | None) -> int:
     """Restore the loop from a checkpoint; returns the first epoch still to run."""
     loop.restore(saved)
+    # a checkpoint from a run with fewer ranks may hold a micro-batch above this rank's share
+    loop.state.micro = min(loop.state.micro, distributed.per_rank_batch(loop.batch_size))
     if not distributed.is_main():
         return saved["epoch"] + 1
     if loop.best_state is not None:  # DVC removes a stage's outputs before re-running it
@@ -423,10 +473,15 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
                 checkpoint_path: str | Path | None = None, fingerprint: str = "",
                 run_id: str | None = None,
                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-                weights_metadata: dict[str, str] | None = None) -> RoundResult:
+                weights_metadata: dict[str, str] | None = None,
+                lr_found: float | None = None) -> RoundResult:
     """Train `plan.epochs` epochs; the best epoch by validation AUROC is written to out_path
     (only when an epoch improves). With checkpoint_path, every epoch is checkpointed and a
-    checkpoint with the same fingerprint is resumed; a finished round deletes it."""
+    checkpoint with the same fingerprint is resumed; a finished round deletes it.
+
+    on_epoch_end(row) runs on rank 0 after the epoch's checkpoint is saved, so a kill between
+    the two never makes a resumed round report (log) that epoch a second time. lr_found (the LR
+    range test's choice under `lr: auto`) is stored in the checkpoint for the resume to reuse."""
     from chexops.repro import seed_everything
 
     check_valid_split(valid, plan.targets)
@@ -440,10 +495,15 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     net = distributed.wrap_model(model, s.device)
     compiled = torch.compile(net) if plan.runtime.compile else net
     for epoch in range(start, plan.epochs + 1):
-        _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
-                   weights_metadata, on_epoch_end)
-        if checkpoint_path and main:
-            ckpt.save_checkpoint(checkpoint_path, loop.checkpoint(epoch, fingerprint, run_id))
+        row = _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
+                         weights_metadata)
+        if not main:
+            continue
+        if checkpoint_path:  # first the checkpoint, then the epoch's report (MLflow)
+            ckpt.save_checkpoint(checkpoint_path,
+                                 loop.checkpoint(epoch, fingerprint, run_id, lr_found))
+        if on_epoch_end is not None:
+            on_epoch_end(row)
     if loop.best_state is None:
         raise ChexopsError("no epoch had a defined validation AUROC; check the validation split")
     if checkpoint_path and main:
@@ -454,8 +514,7 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
 
 def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, plan: RoundPlan,
                epoch: int, n_batches: int, out_path: str | Path,
-               metadata: dict[str, str] | None,
-               on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
+               metadata: dict[str, str] | None) -> dict[str, Any]:
     distributed.set_epoch(train_dl, epoch)  # the epoch's permutation: seed + epoch
     train_loss = train_one_epoch(model, train_dl, loop.optimizer, loop.schedule, loop.state, s,
                                  epoch, n_batches)
@@ -472,12 +531,10 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
         loop.best_state = state_to_save(loop.model)
         if distributed.is_main():
             save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
-    if not distributed.is_main():
-        return
-    print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
-          f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
-    if on_epoch_end is not None:
-        on_epoch_end(row)
+    if distributed.is_main():
+        print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
+              f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
+    return row
 
 
 def _fmt(v: float | None) -> str:

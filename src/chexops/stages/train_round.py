@@ -3,7 +3,17 @@
 Reads data/resampled/{train,valid}.parquet (or, for a round with `resample:`, a fresh seeded draw
 from data/clean/labels.parquet), starts from round K-1's best weights, trains, and writes
 models/round-K/best.safetensors + meta.json, metrics/round-K.json, plots/round-K/history.csv.
-An interrupted round resumes from checkpoints/round-K/last.pt and continues its MLflow run.
+An interrupted round resumes from checkpoints/round-K/last.pt and continues its MLflow run,
+but only when nothing that shapes the result changed: the checkpoint's fingerprint covers the
+round's params, its data inputs' md5s, the md5s of its code deps (the src/ deps of the stage in
+dvc.yaml) and, for round 1, the md5 of a `model.pretrained` weights file.
+
+`model.pretrained: <path>` (relative to the repository root) is not a DVC dependency: DVC cannot
+declare a dep whose path is a param that may be `false` (templating `${model.pretrained}` into
+deps fails on DVC 3.67). DVC re-runs round 1 when the *path* changes (it is in the `model`
+params); the file's md5 is recorded in meta.json's inputs, the fingerprint and the MLflow tag
+`pretrained_md5`. After replacing the file's content under the same path, give it a new name
+(e.g. its md5) or run `dvc repro -f train-round-1`.
 """
 from __future__ import annotations
 
@@ -125,18 +135,49 @@ def input_files(root: Path, k: int, fresh: bool) -> list[Path]:
     return files
 
 
-def input_md5s(root: Path, k: int, fresh: bool) -> dict[str, str]:
-    """md5 of each input as DVC records it (dvc.lock), else computed from the files."""
+def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) -> dict[str, str]:
+    """md5 of each input as DVC records it (dvc.lock), else computed from the files; plus, for
+    round 1, the `model.pretrained` weights file's md5 under its path as written in params."""
     from chexops.repro import dvc_input_md5s, file_md5
 
     try:
         found = dvc_input_md5s(root, stage_name(k))
     except ChexopsError:  # no dvc.yaml (a bare checkout or a test): hash the files
         found = {}
-    if found:
-        return found
-    return {f.as_posix(): file_md5(root / f) for f in input_files(root, k, fresh)
-            if (root / f).is_file()}
+    if not found:
+        found = {f.as_posix(): file_md5(root / f) for f in input_files(root, k, fresh)
+                 if (root / f).is_file()}
+    if params is not None and k == 1:
+        found.update(pretrained_md5(params, root))
+    return found
+
+
+def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
+    """{model.pretrained as written: md5} when it names a weights file (it is resolved against
+    the repository root); empty for true/false, or a missing file (the model build says so)."""
+    from chexops.model import pretrained_path
+    from chexops.repro import file_md5
+
+    path = pretrained_path(params.model, root)
+    if path is None or not path.is_file():
+        return {}
+    return {str(params.model.pretrained): file_md5(path)}
+
+
+def code_md5s(root: Path, k: int) -> dict[str, str]:
+    """md5 of each code dep (src/...) of the stage in dvc.yaml, from the files now."""
+    from chexops.repro import dvc_code_md5s
+
+    return dvc_code_md5s(root, stage_name(k))
+
+
+def round_fingerprint(params: Params, root: Path, k: int, md5s: dict[str, str]) -> str:
+    """What a checkpoint must match to be resumed: params, data inputs (and pretrained weights),
+    and the stage's code, so epochs trained by other code are never continued."""
+    from chexops import checkpoint
+
+    return checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s,
+                                   "code": code_md5s(root, k)})
 
 
 def round_params(params: Params, k: int) -> dict[str, Any]:
@@ -218,37 +259,53 @@ def plan_for(params: Params, k: int):
                      params.train, params.runtime, output_coding(params))
 
 
-def build_start_model(params: Params, prev: Path | None):
+def build_start_model(params: Params, prev: Path | None, root: Path | None = None):
+    """Round k-1's weights, or (round 1) the model with model.pretrained, a relative weights
+    path resolved against `root` (the repository root)."""
     from chexops.model import build_model, load_weights
     from chexops.uncertainty import output_coding
 
     model_cfg = params.model
     if prev is not None and model_cfg.pretrained is not False:  # round k-1 replaces them
         model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    model = build_model(model_cfg, output_coding(params).n_outputs)
+    model = build_model(model_cfg, output_coding(params).n_outputs, root)
     if prev is not None:
         load_weights(model, prev)
     return model
 
 
-def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run):
-    """issue 5: `lr: auto` -> the LR range test's choice, logged to the round's run."""
+def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run,
+                    lr_found: float | None = None):
+    """issue 5: `lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
+    round reuses the choice stored in its checkpoint (`lr_found`) instead of re-running it."""
     from chexops.lr_find import auto_lr
 
     if plan.lr != "auto":
         return plan, None
+    if lr_found is not None:
+        print(f"chexops: rounds.r{k}: lr auto -> {lr_found:.3e} (from the checkpoint)",
+              file=sys.stderr)
+        return dataclasses.replace(plan, lr=lr_found), lr_found
     lr, _ = auto_lr(model, train, plan, device, params.train.lr_find, f"rounds.r{k}", stage_run)
     return dataclasses.replace(plan, lr=lr), lr
 
 
-def resumed_run_id(ckpt_path: Path, fingerprint: str) -> str | None:
-    """The MLflow run of the checkpoint this round will resume, if any (rank 0 only)."""
+def resume_info(ckpt_path: Path, fingerprint: str) -> dict[str, Any]:
+    """{run_id, lr_found} of the checkpoint this round will resume (both None when none): read
+    by rank 0 and broadcast, so every rank takes the same path (e.g. skips the LR range test)."""
     from chexops import checkpoint, distributed
 
-    if not distributed.is_main():
-        return None
-    saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)
-    return saved["run_id"] if saved else None  # train_round reloads the rest
+    info: dict[str, Any] = {"run_id": None, "lr_found": None}
+    if distributed.is_main():
+        saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)  # train_round reloads it
+        if saved:
+            info = {"run_id": saved["run_id"], "lr_found": saved.get("lr_found")}
+    return distributed.broadcast_object(info)
+
+
+def resumed_run_id(ckpt_path: Path, fingerprint: str) -> str | None:
+    """The MLflow run of the checkpoint this round will resume, if any."""
+    return resume_info(ckpt_path, fingerprint)["run_id"]
 
 
 def main(params: Params, root: Path, k: int) -> None:
@@ -274,27 +331,33 @@ def _main(params: Params, root: Path, k: int, device) -> None:
     prev = previous_weights(root, k)
     fresh = params.round(k).resample is not None
     train_df, valid_df = load_frames(params, root, k)
-    md5s = input_md5s(root, k, fresh)
-    fingerprint = checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s})
+    md5s = input_md5s(root, k, fresh, params)
+    fingerprint = round_fingerprint(params, root, k, md5s)
     ckpt_path = checkpoint.checkpoint_path(root, k)
-    resume_run_id = resumed_run_id(ckpt_path, fingerprint)
+    resume = resume_info(ckpt_path, fingerprint)
     seed_everything(params.seed)  # the initial head weights come from the seed
-    model = build_start_model(params, prev)  # before MLflow: a bad arch or weights fail fast
+    model = build_start_model(params, prev, root)  # before MLflow: bad arch or weights fail fast
     if params.clean.teacher and ":/" not in params.clean.teacher and needs_teacher(params):
         resolve_teacher(params.clean.teacher, root)  # a missing teacher file fails fast too
-    tracked = (tracking.stage_run(params, root, stage_name(k), resume_run_id=resume_run_id)
+    tracked = (tracking.stage_run(params, root, stage_name(k), resume_run_id=resume["run_id"])
                if distributed.is_main() else contextlib.nullcontext(distributed.NullRun()))
     with tracked as stage_run:
         stage_run.log_params(mlflow_params(params, k, len(train_df), len(valid_df)))
+        pretrained = pretrained_md5(params, root) if k == 1 else {}
+        if pretrained:  # not a DVC dep (see the module docstring): its md5 is on the run
+            (path, md5), = pretrained.items()
+            stage_run.set_tags({"pretrained_path": path, "pretrained_md5": md5})
         with distributed.main_first():  # rank 0 builds the image cache, the others reuse it
             train, teacher = train_set(params, root, train_df, device)
             valid = array_set(params, root, valid_df)
         if teacher is not None:  # U-SelfTrained: whose labels the round learns from
             stage_run.set_tags(teacher)
             stage_run.log_params({"teacher": teacher["teacher"]})
-        plan, found_lr = resolve_auto_lr(plan, params, k, model, train, device, stage_run)
+        plan, found_lr = resolve_auto_lr(plan, params, k, model, train, device, stage_run,
+                                         resume["lr_found"])
         meta = {"round": k, "seed": params.seed, "params": round_params(params, k),
-                "inputs": md5s, "run_id": stage_run.run_id, "fingerprint": fingerprint,
+                "inputs": md5s, "code": code_md5s(root, k), "run_id": stage_run.run_id,
+                "fingerprint": fingerprint,
                 "lr_found": found_lr, "teacher": teacher}
         result = train_round(
             model, train, valid, plan, root / paths.round_weights(k), device, ckpt_path,
@@ -303,7 +366,8 @@ def _main(params: Params, root: Path, k: int, device) -> None:
                 {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
             weights_metadata={"round": str(k), "arch": params.model.arch,
                               "targets": ",".join(params.targets), "seed": str(params.seed),
-                              "coding": plan.coding.to_str()})
+                              "coding": plan.coding.to_str()},
+            lr_found=found_lr)
         meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
                     micro_batch=result.micro_batch, world_size=distributed.world_size(),
                     resumed_from_epoch=result.resumed_from)
