@@ -217,3 +217,27 @@ def test_pretrained_true_restores_the_hub_environment(monkeypatch, succeeds):
     assert during == {"env": "1", "const": True}
     assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
     assert "HF_HUB_ETAG_TIMEOUT" not in os.environ
+
+
+def test_concat_pool_equals_the_adaptive_pools():
+    from chexops.model import AdaptiveConcatPool2d
+
+    x = torch.randn(3, 5, 4, 6)
+    want = torch.cat([torch.nn.AdaptiveMaxPool2d(1)(x), torch.nn.AdaptiveAvgPool2d(1)(x)], dim=1)
+    assert torch.allclose(AdaptiveConcatPool2d()(x), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_backward_runs_under_deterministic_algorithms_on_cuda(monkeypatch):
+    from chexops.model import AdaptiveConcatPool2d
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = torch.randn(2, 4, 7, 7, device="cuda", requires_grad=True)
+        AdaptiveConcatPool2d()(x).sum().backward()  # adaptive pools' CUDA backward would raise
+        assert x.grad is not None
+    finally:
+        torch.use_deterministic_algorithms(was)

@@ -27,15 +27,14 @@ HUB_TIMEOUT_S = 3.0
 
 
 class AdaptiveConcatPool2d(nn.Module):
-    """fastai's pooling: average and max pooled features side by side (2 x channels)."""
+    """fastai's pooling: max and average pooled features side by side (2 x channels).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.avg = nn.AdaptiveAvgPool2d(1)
-        self.max = nn.AdaptiveMaxPool2d(1)
+    Reductions rather than nn.AdaptiveMax/AvgPool2d(1): the same values, but their CUDA backward
+    is deterministic, so `runtime.deterministic: true` can train on a GPU (the adaptive pools'
+    backward raises under torch.use_deterministic_algorithms)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.max(x), self.avg(x)], dim=1)
+        return torch.cat([x.amax(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
 
 
 class ChexNet(nn.Module):
