@@ -187,6 +187,23 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_best(tmp_path):
     assert out.read_bytes() == after_epoch.best
 
 
+def test_non_finite_validation_outputs_name_the_epoch_and_keep_best(tmp_path):
+    model = new_model()
+    poisoned = {"on": False}
+    # training stays finite; only the eval-mode outputs blow up (as diverged BatchNorm stats do)
+    model.register_forward_hook(
+        lambda m, i, o: o * float("inf") if poisoned["on"] and not m.training else o)
+    out = tmp_path / "best.safetensors"
+
+    def after_epoch(row):
+        poisoned["on"] = True
+        after_epoch.best = out.read_bytes()
+
+    with pytest.raises(ChexopsError, match=r"validation outputs are not finite after epoch 2"):
+        train_round(model, tiny_data(), tiny_data(8, 1), plan(), out, on_epoch_end=after_epoch)
+    assert out.read_bytes() == after_epoch.best
+
+
 def test_single_class_validation_is_refused_before_training(tmp_path):
     valid = ArraySet.from_labels(np.zeros((4, 32, 32), np.uint8), np.zeros(4, np.float32))
     with pytest.raises(ChexopsError, match="only negative Cardiomegaly cases: AUROC is undefined"):

@@ -293,11 +293,16 @@ def predict_probs(model: nn.Module, loader, device: torch.device | str,
     return s.probs(logits)
 
 
-def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...]) -> dict[str, Any]:
+def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...],
+             epoch: int | None = None) -> dict[str, Any]:
     """Validation loss and per-target metrics at 0.5 (macro means for several targets), over the
     whole validation set (under DDP each rank predicts a shard; the shards are gathered)."""
     n = len(loader.dataset)
     logits, labels, mask = (distributed.gather_rows(a, n) for a in predict_logits(model, loader, s))
+    if not np.isfinite(logits).all():  # finite training loss, yet the weights blew up (BatchNorm stats)
+        where = f" after epoch {epoch}" if epoch is not None else ""
+        raise ChexopsError(f"validation outputs are not finite{where}: the model diverged; the best "
+                           f"weights so far are kept; lower the round's lr or use a larger batch")
     loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
     probs = s.probs(logits)
     report = multi_target_metrics(labels, probs, targets, mask)
@@ -521,7 +526,7 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
     train_loss = float(distributed.mean_over_ranks(
         torch.tensor(train_loss, dtype=torch.float64, device=s.device)))
     distributed.average_buffers(loop.model)  # one BatchNorm state on every rank
-    val = validate(model, valid_dl, s, plan.targets)
+    val = validate(model, valid_dl, s, plan.targets, epoch)
     lr = loop.optimizer.param_groups[-1]["lr"]
     row = _history_row(epoch, train_loss, val, lr)
     loop.history.append(row)
