@@ -166,9 +166,16 @@ def test_git_info_commit_dirty_and_outside_a_repo(tmp_path):
         (tmp_path / name).write_text("v2")
     (tmp_path / "untracked.txt").write_text("x")
     assert repro.git_info(tmp_path)["dirty"] is False
+    (tmp_path / "params.yaml").write_text("lr: 1")
+    git(tmp_path, "add", "params.yaml")
+    git(tmp_path, "commit", "-q", "-m", "params")
+    (tmp_path / "params.yaml").write_text("lr: 2")  # what `dvc exp run -S lr=2` does: logged, not dirt
+    assert repro.git_info(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("v2")
     assert repro.git_info(tmp_path) | {"commit": None} == {
         "commit": None, "dirty": True, "changed": ["code.py"]}
+    git(tmp_path, "mv", "code.py", "my code.py")  # a rename with a space: one clean path
+    assert repro.git_info(tmp_path)["changed"] == ["my code.py"]
 
 
 def test_library_versions_from_metadata():

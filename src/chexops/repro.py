@@ -221,6 +221,20 @@ def _pipeline_outputs(root: Path) -> set[str]:
     return paths
 
 
+def _porcelain_paths(status: str) -> list[str]:
+    """Paths from `git status --porcelain -z` (unquoted; a rename's source entry is skipped)."""
+    entries, paths = status.split("\0"), []
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # rename/copy: the next entry is the old path
+                i += 1
+        i += 1
+    return paths
+
+
 def git_info(root: str | Path) -> dict[str, Any]:
     """{commit, dirty, changed}: the code revision; dirty when tracked files other than the
     pipeline's own outputs differ from it. Outside a git repo: commit None, dirty None."""
@@ -228,10 +242,11 @@ def git_info(root: str | Path) -> dict[str, Any]:
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "changed": []}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
-    outputs = _pipeline_outputs(root)
-    changed = [line[3:].strip() for line in status.splitlines() if line.strip()]
-    changed = [p for p in changed
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=no") or ""
+    # params.yaml is logged in full on every trial and restored by `chexops reproduce`, so a
+    # `dvc exp run -S` edit to it is not code that could be lost
+    outputs = _pipeline_outputs(root) | {"params.yaml"}
+    changed = [p for p in _porcelain_paths(status)
                if p not in outputs and not any(p.startswith(o.rstrip("/") + "/") for o in outputs)]
     return {"commit": commit.strip(), "dirty": bool(changed), "changed": changed}
 
