@@ -211,7 +211,7 @@ def find_for_round(params: Params, root: Path, k: int) -> LRFindResult:
     plan = stage.plan_for(params, k)
     train_df, _ = stage.load_frames(params, root, k)
     seed_everything(params.seed)
-    model = stage.build_start_model(params, stage.previous_weights(root, k))
+    model = stage.build_start_model(params, stage.previous_weights(root, k), root)
     data = stage.train_set(params, root, train_df, device)[0]
     s = with_recipe(resolve_settings(params.runtime, params.train, device), plan)
     return range_test(model, data, plan, s, params.train.lr_find)
