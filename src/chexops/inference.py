@@ -18,12 +18,21 @@ def device_and_threads(params: Params) -> torch.device:
     return resolve_device(params.runtime)
 
 
+def image_cache_dir(root: str | Path) -> Path:
+    """The decoded-image cache of the MAIN repository (<repo>/data/cache), also from a DVC
+    experiment workspace (<repo>/.dvc/tmp/exps/...), so queued and --temp trials share it."""
+    from chexops.tracking import main_repo_root
+
+    return main_repo_root(root) / paths.CACHE_DIR
+
+
 def load_images(params: Params, df: pd.DataFrame, zip_path: str | Path, root: str | Path) -> np.ndarray:
-    """The frame's images, decoded once into the shared cache (root/data/cache)."""
+    """The frame's images, decoded once per data content and size into the shared cache
+    (the main repository's data/cache)."""
     from chexops.data.images import load_image_array
 
     return load_image_array(zip_path, df["Path"].astype(str).tolist(), params.train.image_size,
-                            Path(root) / paths.CACHE_DIR, params.runtime.workers)
+                            image_cache_dir(root), params.runtime.workers)
 
 
 def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,

@@ -11,7 +11,8 @@ CLEAN_REPORT = Path("data/clean/bad_images.csv")
 RESAMPLED_DIR = Path("data/resampled")
 RESAMPLED_TRAIN = RESAMPLED_DIR / "train.parquet"
 RESAMPLED_VALID = RESAMPLED_DIR / "valid.parquet"
-CACHE_DIR = Path("data/cache")                     # decoded-image cache; not DVC-tracked
+CACHE_DIR = Path("data/cache")                     # decoded-image cache; not DVC-tracked; always
+                                                   # the main repo's (inference.image_cache_dir)
 CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpoints; not DVC-tracked
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
