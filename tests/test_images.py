@@ -257,3 +257,25 @@ def test_garbage_member_is_a_chexops_error_too(tmp_path):
     z = write_chexpert_zip(tmp_path / "c.zip", train, valid, corrupt_images=(train["Path"][1],))
     with open_zip_images(z) as zi, pytest.raises(ChexopsError, match="UnidentifiedImageError"):
         zi.read(train["Path"][1])
+
+
+def test_train_round_rows_index_the_memory_mapped_store_without_a_copy(tmp_path, tiny_chexpert_zip):
+    """An oversampled training table: rows point into the shared store (no per-round copy of
+    the images), and each row sees the same pixels a direct decode gives."""
+    import pandas as pd
+
+    from chexops import paths
+    from chexops.stages import train_round
+    from tests.test_train_round_stage import params
+
+    (tmp_path / paths.RAW_ZIP).parent.mkdir(parents=True)
+    shutil.copy(tiny_chexpert_zip, tmp_path / paths.RAW_ZIP)
+    with zipfile.ZipFile(tiny_chexpert_zip) as zf:
+        members = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[:3]
+    rows = [members[0], members[1], members[1], members[2], members[0]]
+    df = pd.DataFrame({"Path": rows, "Cardiomegaly": [1.0, 0.0, 0.0, 1.0, 1.0]})
+    data = train_round.array_set(params(), tmp_path, df)
+    assert isinstance(data.images, np.memmap)
+    got = data.images[data.image_rows(np.arange(len(rows)))]
+    want = load_image_array(tmp_path / paths.RAW_ZIP, rows, 32)  # no cache: a plain decode
+    assert np.array_equal(got, want)

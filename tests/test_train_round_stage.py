@@ -108,6 +108,10 @@ def root(tmp_path, monkeypatch, runs):
     (tmp_path / paths.RAW_ZIP).write_bytes(b"stands in for the zip")
     images = types.ModuleType("chexops.data.images")
     images.load_image_array = fake_images
+    # the real store maps every member; this one holds just the requested paths, slot = position
+    images.image_store = lambda zip_path, ps, size, *a: (
+        sys.modules["chexops.data.images"].load_image_array(zip_path, ps, size, *a),
+        np.arange(len(ps)))
     monkeypatch.setitem(sys.modules, "chexops.data.images", images)
 
     @contextlib.contextmanager

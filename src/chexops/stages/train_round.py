@@ -103,15 +103,18 @@ def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
 
 
 def array_set(params: Params, root: Path, df: pd.DataFrame):
-    """Decode each distinct image once (cached); repeated rows (oversampling) share it."""
+    """Rows index the shared decoded-image store (memory-mapped, no copy: at 320 px a CheXpert
+    round's images are ~12 GB); repeated rows (oversampling) share one image."""
     from chexops.batches import ArraySet
-    from chexops.inference import load_images
+    from chexops.data.images import image_store
+    from chexops.inference import image_cache_dir
     from chexops.uncertainty import encode_labels
 
     uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
-    images = load_images(params, pd.DataFrame({"Path": uniq}), root / paths.RAW_ZIP, root)
+    pixels, slots = image_store(root / paths.RAW_ZIP, uniq.tolist(), params.train.image_size,
+                                image_cache_dir(root), params.runtime.workers)
     labels, mask = encode_labels(params, label_matrix(params, df))
-    return ArraySet(images, labels, mask, index.astype(np.int64))
+    return ArraySet(pixels, labels, mask, slots[index].astype(np.int64))
 
 
 def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any, dict | None]:
