@@ -222,12 +222,17 @@ def chexops(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_refuses_unknown_run_and_missing_store_leaving_no_workspace(store, tmp_path):
-    repo = tmp_path / "repo"
+def cli_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """(a folder with the project's params.yaml to run from, an empty --workdir)."""
+    repo, work = tmp_path / "repo", tmp_path / "work"
     repo.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
-    work = tmp_path / "work"
     work.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    return repo, work
+
+
+def test_cli_refuses_unknown_run_and_missing_store_leaving_no_workspace(store, tmp_path):
+    repo, work = cli_dirs(tmp_path)
     env = pipeline_env()
     proc = chexops(["reproduce", "no-such-trial", "--workdir", str(work)], repo, env)
     assert proc.returncode == 2
@@ -247,11 +252,7 @@ def test_cli_refuses_unknown_run_and_missing_store_leaving_no_workspace(store, t
 
 
 def test_cli_warns_that_a_dirty_tree_trial_is_restored_only_as_of_its_commit(store, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
-    work = tmp_path / "work"
-    work.mkdir()
+    repo, work = cli_dirs(tmp_path)
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{store['tmp'] / 'mlflow.db'}"}
     proc = chexops(["reproduce", store["dirty"], "--workdir", str(work)], repo, env)
     lines = proc.stderr.splitlines()
