@@ -90,6 +90,16 @@ def test_stage_run_logs_tags_params_metrics_and_writes_runs_file(repo, params):
     assert record == {"run_id": run.run_id, "experiment_id": run.experiment_id, "stage": "clean"}
 
 
+def test_log_metrics_once_skips_a_step_already_logged(repo, params):
+    with tracking.stage_run(params, repo, "clean") as run:
+        run.log_metrics_once({"auroc": 0.6, "loss": 1.0}, step=1)
+        run.log_metrics_once({"auroc": 0.6, "loss": 1.0}, step=1)  # a resume re-reports it
+        run.log_metrics_once({"auroc": 0.7, "loss": 0.9}, step=2)
+    for key, values in {"auroc": [0.6, 0.7], "loss": [1.0, 0.9]}.items():
+        history = client(repo).get_metric_history(run.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == list(zip([1, 2], values))
+
+
 def test_failed_stage_is_marked_failed_and_writes_no_runs_file(repo, params):
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.stage_run(params, repo, "download") as run:

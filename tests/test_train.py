@@ -412,8 +412,8 @@ def test_out_of_memory_in_the_optimizer_step_is_a_clear_error(tmp_path, monkeypa
 
 
 def test_epoch_is_reported_only_after_its_checkpoint_is_saved(tmp_path):
-    """on_epoch_end (the MLflow epoch log) runs after the checkpoint of that epoch is on disk:
-    a kill between the two resumes after the epoch instead of logging it twice."""
+    """on_epoch_end (the MLflow epoch log) runs after the checkpoint of that epoch is on disk,
+    so a resumed round never re-trains an epoch it has already reported."""
     ck = tmp_path / "ck" / "last.pt"
     seen = []
 
@@ -426,6 +426,26 @@ def test_epoch_is_reported_only_after_its_checkpoint_is_saved(tmp_path):
                 on_epoch_end=on_epoch_end)
     assert seen == [(1, 1, True), (2, 2, True)]
     assert not ck.exists()  # the finished round still removes it afterwards
+
+
+def test_a_kill_between_checkpoint_and_report_re_reports_that_epoch_on_resume(tmp_path):
+    """The crash comes after epoch 1's checkpoint but before its report: the resume reports
+    epoch 1 (at-least-once) before training epoch 2, so no epoch goes unlogged."""
+    ck = tmp_path / "ck" / "last.pt"
+    reported = []
+
+    def killed_while_reporting(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=2),
+                    tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="f",
+                    on_epoch_end=killed_while_reporting)
+    assert torch.load(ck, weights_only=True)["epoch"] == 1
+    train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=2),
+                tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="f",
+                on_epoch_end=lambda row: reported.append(row["epoch"]))
+    assert reported == [1, 2]
 
 
 def test_checkpoint_keeps_the_lr_found(tmp_path, monkeypatch):

@@ -166,6 +166,16 @@ class StageRun:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    def log_metrics_once(self, values: dict[str, Any], step: int) -> None:
+        """log_metrics unless this step is already logged (a resumed round re-reports the
+        epoch its checkpoint ends with; the kill may have come before or after its logging)."""
+        first = next((k for k, v in values.items() if v is not None), None)
+        if first is None:
+            return
+        if any(m.step == step for m in self.client.get_metric_history(self.run_id, first)):
+            return
+        self.log_metrics(values, step)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():

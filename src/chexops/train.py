@@ -484,9 +484,10 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     (only when an epoch improves). With checkpoint_path, every epoch is checkpointed and a
     checkpoint with the same fingerprint is resumed; a finished round deletes it.
 
-    on_epoch_end(row) runs on rank 0 after the epoch's checkpoint is saved, so a kill between
-    the two never makes a resumed round report (log) that epoch a second time. lr_found (the LR
-    range test's choice under `lr: auto`) is stored in the checkpoint for the resume to reuse."""
+    on_epoch_end(row) runs on rank 0 after the epoch's checkpoint is saved; a resumed round
+    reports the checkpoint's last epoch again, since a kill may have come between the two, so the
+    callback must be idempotent per epoch (at-least-once). lr_found (the LR range test's choice
+    under `lr: auto`) is stored in the checkpoint for the resume to reuse."""
     from chexops.repro import seed_everything
 
     check_valid_split(valid, plan.targets)
@@ -497,6 +498,8 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     saved = distributed.broadcast_object(saved)
     loop, train_dl, valid_dl, n_batches = _prepare(model, train, valid, plan, s, saved)
     start = _resume(loop, saved, out_path, weights_metadata) if saved is not None else 1
+    if saved is not None and main and on_epoch_end is not None and loop.history:
+        on_epoch_end(loop.history[-1])
     net = distributed.wrap_model(model, s.device)
     compiled = torch.compile(net) if plan.runtime.compile else net
     for epoch in range(start, plan.epochs + 1):

@@ -365,7 +365,7 @@ def _main(params: Params, root: Path, k: int, device) -> None:
         result = train_round(
             model, train, valid, plan, root / paths.round_weights(k), device, ckpt_path,
             fingerprint, stage_run.run_id,
-            on_epoch_end=lambda row: stage_run.log_metrics(
+            on_epoch_end=lambda row: stage_run.log_metrics_once(
                 {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
             weights_metadata={"round": str(k), "arch": params.model.arch,
                               "targets": ",".join(params.targets), "seed": str(params.seed),
