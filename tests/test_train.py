@@ -341,6 +341,71 @@ def test_auto_batch_size_on_cpu_is_16(tmp_path):
     assert result.batch_size == 16
 
 
+class FakeCuda:
+    """Only what the batch-size search reads: the device type."""
+    type = "cuda"
+
+
+def test_auto_batch_size_on_cuda_halves_to_the_largest_batch_that_fits(monkeypatch):
+    """The GPU search, driven on CPU kernels: the probe's forward/backward raises an injected
+    out-of-memory above 100 items, so 1024 -> 512 -> ... -> 64 is the answer; the probe runs on a
+    copy (BatchNorm statistics untouched) and never exceeds the number of training items."""
+    real = train_mod.accumulate_grads
+    probed = []
+
+    def oom_above_100(model, images, *args, **kwargs):
+        probed.append(len(images))
+        if len(images) > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, images, *args[:3], Settings(CPU), **kwargs)  # fits: run it on CPU
+
+    monkeypatch.setattr(train_mod, "accumulate_grads", oom_above_100)
+    cuda_like = Settings(FakeCuda())
+    model = new_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert auto_batch_size(model, 16, 1, cuda_like, 10_000) == 64
+    assert probed == [1024, 512, 256, 128, 64]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    probed.clear()
+    assert auto_batch_size(model, 16, 1, cuda_like, 40) == 32  # no batch above the data
+    assert probed == [32]
+
+
+def test_auto_batch_size_does_not_hide_errors_that_are_not_out_of_memory(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(train_mod, "accumulate_grads", broken)
+    cuda_like = Settings(FakeCuda())
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        auto_batch_size(new_model(), 16, 1, cuda_like, 10_000)
+
+
+def test_runtime_compile_trains_through_torch_compile_and_matches_eager(tmp_path, monkeypatch):
+    """runtime.compile wraps the (DDP-wrapped) model in torch.compile. Real compilation takes
+    minutes on this CPU (benchmarks/README.md), so torch.compile is replaced by a recorder that
+    returns the module as is: the round must train through the object torch.compile returned
+    and give the eager round's weights."""
+    compiled = []
+
+    def record(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
+                tmp_path / "eager.safetensors")
+    assert compiled == []
+    from chexops.config import RuntimeConfig
+
+    train_round(new_model(), tiny_data(), tiny_data(8, 1),
+                plan(epochs=1, runtime=RuntimeConfig(compile=True)),
+                tmp_path / "compiled.safetensors")
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    a, b = weights(tmp_path / "eager.safetensors"), weights(tmp_path / "compiled.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_predict_probs_in_order_and_in_range():
     model = new_model().eval()
     data = tiny_data(6)
