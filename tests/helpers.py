@@ -66,25 +66,50 @@ def write_chexpert_zip(path: Path, train: pd.DataFrame | None = None, valid: pd.
 
 
 class FakeRun:
-    """Stands in for chexops.tracking.StageRun: records what a stage logs."""
+    """Stands in for chexops.tracking.StageRun: records what a stage logs. `logged_steps` is the
+    set of metric steps of this run id, shared by every FakeRun that continues it (a resume)."""
 
-    def __init__(self):
+    def __init__(self, run_id: str = "fake", logged_steps: set | None = None):
+        self.run_id = run_id
         self.params: dict = {}
-        self.metrics: dict = {}
-        self.run_id = "fake"
+        self.metrics: dict = {}   # latest value per key
+        self.steps: list = []     # (step, values) of every log_metrics call, in order
+        self.dicts: dict = {}
+        self.figures: list = []
+        self.artifacts: list = []
+        self.tags: dict = {}
+        self.logged_steps = set() if logged_steps is None else logged_steps
 
-    def log_params(self, d): self.params.update(d)
-    def log_metrics(self, d, step=None): self.metrics.update(d)
-    def log_artifact(self, *a, **k): pass
-    def log_dict(self, *a, **k): pass
-    def set_tags(self, *a, **k): pass
+    def log_params(self, values): self.params.update(values)
+    def log_dict(self, obj, name): self.dicts[name] = obj
+    def log_figure(self, fig, name): self.figures.append(name)
+    def set_tags(self, tags): self.tags.update(tags)
+
+    def log_metrics(self, values, step=None):
+        self.metrics.update(values)
+        self.steps.append((step, dict(values)))
+        if step is not None:
+            self.logged_steps.add(step)
+
+    def log_metrics_once(self, values, step):
+        if step not in self.logged_steps:
+            self.log_metrics(values, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        assert Path(path).exists()
+        self.artifacts.append(Path(path).name)
 
 
-def fake_stage_run(runs: list):
+def fake_stage_run(runs: list, by_stage: bool = True):
+    """A stage_run recorder appending (stage, run) -- or (run, resume_run_id) when not
+    by_stage -- to `runs`; a resumed run id continues its steps."""
+    steps_of: dict = {}
+
     @contextlib.contextmanager
     def stage_run(params, root, stage, resume_run_id=None):
-        run = FakeRun()
-        runs.append((stage, run))
+        run_id = resume_run_id or f"run-{len(runs)}"
+        run = FakeRun(run_id, steps_of.setdefault(run_id, set()))
+        runs.append((stage, run) if by_stage else (run, resume_run_id))
         yield run
     return stage_run
 

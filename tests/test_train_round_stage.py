@@ -5,7 +5,6 @@ come from a function of the path, the MLflow run records what the stage logged.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import types
@@ -23,6 +22,7 @@ from chexops import paths, tracking
 from chexops.config import params_from_dict
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
+from tests.helpers import fake_stage_run
 
 torch.set_num_threads(1)
 
@@ -63,32 +63,6 @@ def frame(n: int, valid: bool, start: int = 0) -> pd.DataFrame:
         "patient": [f"patient{start + i:05d}" for i in range(n)]})
 
 
-class FakeRun:
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.params, self.metrics, self.dicts, self.figures, self.artifacts = {}, [], {}, [], []
-        self.tags = {}
-
-    def log_params(self, values):
-        self.params.update(values)
-
-    def log_metrics(self, values, step=None):
-        self.metrics.append((step, dict(values)))
-
-    def log_artifact(self, path, artifact_path=None):
-        assert Path(path).exists()
-        self.artifacts.append(Path(path).name)
-
-    def log_dict(self, obj, name):
-        self.dicts[name] = obj
-
-    def log_figure(self, fig, name):
-        self.figures.append(name)
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-
 @pytest.fixture
 def runs() -> list:
     """(FakeRun, resume_run_id) of every stage_run the stage opened, in order."""
@@ -114,13 +88,7 @@ def root(tmp_path, monkeypatch, runs):
         np.arange(len(ps)))
     monkeypatch.setitem(sys.modules, "chexops.data.images", images)
 
-    @contextlib.contextmanager
-    def fake_stage_run(p, r, name, resume_run_id=None):
-        run = FakeRun(resume_run_id or f"run-{len(runs)}")
-        runs.append((run, resume_run_id))
-        yield run
-
-    monkeypatch.setattr(tracking, "stage_run", fake_stage_run)
+    monkeypatch.setattr(tracking, "stage_run", fake_stage_run(runs, by_stage=False))
     return tmp_path
 
 
@@ -145,8 +113,8 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
     assert resumed is None
     assert run.params["lr"] == 1e-3 and run.params["epochs"] == 2 and run.params["seed"] == 3
     assert run.params["image_size"] == 32 and run.params["batch_size"] == 4
-    assert [step for step, _ in run.metrics] == [1, 2]
-    assert set(run.metrics[0][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
+    assert [step for step, _ in run.steps] == [1, 2]
+    assert set(run.steps[0][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
                                       "error_rate", "lr"}
     assert run.dicts["confusion.json"] == {"Cardiomegaly": metrics["confusion"]}
     assert run.figures == ["confusion.png"] and "best.safetensors" in run.artifacts
@@ -252,7 +220,7 @@ def test_interrupted_round_resumes_its_run_and_matches_an_uninterrupted_one(root
     stage.main(p, root, 1)
     crashed_run, resumed = runs[2]
     assert resumed == runs[1][0].run_id          # the same MLflow run continues
-    assert [step for step, _ in crashed_run.metrics] == [2]
+    assert [step for step, _ in crashed_run.steps] == [2]
     for key, value in load_file(str(root / paths.round_weights(1))).items():
         assert torch.equal(value, uninterrupted[key]), key
     assert json.loads((root / paths.round_metrics(1)).read_text()) == metrics
@@ -306,7 +274,7 @@ def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, 
     stage.main(p, root, 1)
     rerun, resumed = runs[1]
     assert resumed is None                                       # a new MLflow run
-    assert [step for step, _ in rerun.metrics] == [1, 2]         # epoch 1 trained again
+    assert [step for step, _ in rerun.steps] == [1, 2]         # epoch 1 trained again
     meta = json.loads((root / paths.round_meta(1)).read_text())
     assert meta["resumed_from_epoch"] is None and set(meta["code"]) == {"src/chexops/train.py"}
 

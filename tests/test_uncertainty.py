@@ -133,6 +133,22 @@ def test_missing_teacher_is_a_clear_error(root):
     assert not (root / paths.round_dir(1)).exists()
 
 
+def test_teacher_with_other_targets_or_not_weights_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from chexops.uncertainty import load_teacher
+
+    two_targets = tmp_path / "two.safetensors"
+    save_file({"w": torch.zeros(1)}, str(two_targets), metadata={"coding": "binary,binary"})
+    with pytest.raises(ChexopsError, match=r"^clean.teacher: the weights' output coding "
+                                           r"'binary,binary' covers 2 targets, not the 1"):
+        load_teacher(params(), two_targets)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    with pytest.raises(ChexopsError, match=r"^clean.teacher: .*junk.safetensors"):
+        load_teacher(params(), junk)
+
+
 def test_multi_label_round_reports_each_target_and_selects_by_mean_auroc(root, runs):
     for split in (paths.RESAMPLED_TRAIN, paths.RESAMPLED_VALID):
         df = pd.read_parquet(root / split)
@@ -149,7 +165,7 @@ def test_multi_label_round_reports_each_target_and_selects_by_mean_auroc(root, r
     history = pd.read_csv(root / "plots/round-1/history.csv")
     assert metrics["auroc"] == pytest.approx(history["auroc"].max())   # best = max mean AUROC
     assert runs[0][0].figures == ["confusion-Cardiomegaly.png", "confusion-Edema.png"]
-    logged = {k: v for step, m in runs[0][0].metrics if step is None for k, v in m.items()}
+    logged = {k: v for step, m in runs[0][0].steps if step is None for k, v in m.items()}
     assert logged["best.Edema.auroc"] == pytest.approx(per["Edema"]["auroc"])
 
 

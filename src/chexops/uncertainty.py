@@ -187,20 +187,17 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
 
 
 def load_teacher(params: Params, path: Path) -> tuple[nn.Module, OutputCoding]:
-    """The teacher network: same model params, its output coding from the weights' metadata."""
+    """The teacher network: same model params, its output coding from the weights' metadata
+    (read as predict reads any weights file)."""
     import dataclasses
 
-    from safetensors import safe_open
-
     from chexops.model import build_model, load_weights
+    from chexops.predict import coding_from_metadata, weights_metadata
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    coding = (OutputCoding.from_str(meta["coding"]) if "coding" in meta
-              else OutputCoding((BINARY,) * len(params.targets)))
-    if len(coding.kinds) != len(params.targets):
-        raise ChexopsError(f"clean.teacher: {path} predicts {len(coding.kinds)} targets, this "
-                           f"trial has {len(params.targets)}; use a teacher with the same targets")
+    try:
+        coding = coding_from_metadata(weights_metadata(path), params.targets)
+    except ChexopsError as exc:
+        raise ChexopsError(f"clean.teacher: {exc}") from None
     model = build_model(dataclasses.replace(params.model, pretrained=False), coding.n_outputs)
     load_weights(model, path)
     return model.eval(), coding
