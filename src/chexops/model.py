@@ -284,9 +284,24 @@ def save_weights(model: nn.Module | dict, path: str | Path,
     atomic.save_safetensors(path, state, {str(k): str(v) for k, v in (metadata or {}).items()})
 
 
+def weights_metadata(weights: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a weights file; a clear error when it is not one."""
+    from safetensors import safe_open
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ChexopsError(f"weights file {weights} not found; give a .safetensors path or a "
+                           f"models:/<name>@champion URI")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:
+        raise ChexopsError(f"{weights} is not a safetensors file; give the best.safetensors "
+                           f"a training round wrote") from None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     """Load a chexops safetensors file into `model` (strict); returns the file's metadata."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -305,5 +320,4 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     except RuntimeError as exc:  # shape mismatch
         raise ChexopsError(f"{path} does not match the model ({str(exc).splitlines()[-1].strip()}); "
                            f"use weights made with the same model params") from None
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    return weights_metadata(path)

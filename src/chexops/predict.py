@@ -146,6 +146,8 @@ class Predictor:
 
     def __post_init__(self) -> None:
         # the same default and length check as weights metadata without / with a coding
+        from chexops.uncertainty import coding_from_metadata
+
         recorded = {} if self.coding is None else {"coding": self.coding.to_str()}
         self.coding = coding_from_metadata(recorded, self.targets)
 
@@ -179,39 +181,12 @@ class Predictor:
         return frame
 
 
-def coding_from_metadata(meta: dict[str, str], targets: tuple[str, ...] | list[str]) -> "OutputCoding":
-    """The output coding a weights file (or a pyfunc config) records under `coding`; all binary
-    when it records none (weights written before U-MultiClass). Checked against the targets."""
-    from chexops.uncertainty import BINARY, OutputCoding
-
-    coding = (OutputCoding.from_str(str(meta["coding"])) if meta.get("coding")
-              else OutputCoding((BINARY,) * len(targets)))
-    if len(coding.kinds) != len(targets):
-        raise ChexopsError(f"the weights' output coding {coding.to_str()!r} covers "
-                           f"{len(coding.kinds)} targets, not the {len(targets)} "
-                           f"({','.join(targets)}); use weights written by chexops")
-    return coding
-
-
-def weights_metadata(weights: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of a weights file; a clear error when it is not one."""
-    from safetensors import safe_open
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise ChexopsError(f"weights file {weights} not found; give a .safetensors path or a "
-                           f"models:/<name>@champion URI")
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception:
-        raise ChexopsError(f"{weights} is not a safetensors file; give the best.safetensors "
-                           f"a training round wrote") from None
-
-
 def weights_spec(weights: str | Path, params: "Params") -> tuple[str, tuple[str, ...], "OutputCoding"]:
     """(arch, targets, output coding) of a weights file: from its metadata when recorded (train
     rounds write them), else from params (targets) and all-binary (coding)."""
+    from chexops.model import weights_metadata
+    from chexops.uncertainty import coding_from_metadata
+
     meta = weights_metadata(weights)
     targets = tuple(meta["targets"].split(",")) if meta.get("targets") else tuple(params.targets)
     return meta.get("arch", params.model.arch), targets, coding_from_metadata(meta, targets)

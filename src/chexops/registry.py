@@ -79,7 +79,8 @@ def model_config(params: "Params", weights: Path | None = None) -> dict[str, Any
     and the arch, targets and output coding (U-MultiClass) the weights' metadata records
     (params' targets and all-binary when there are no weights or no metadata)."""
     from chexops.config import to_dict
-    from chexops.predict import coding_from_metadata, weights_spec
+    from chexops.predict import weights_spec
+    from chexops.uncertainty import coding_from_metadata
 
     model = dict(to_dict(params.model), pretrained=False)  # weights come from the artifact
     if weights is not None:
@@ -99,7 +100,8 @@ def build_predictor(weights: Path, config: dict[str, Any]) -> "Predictor":
 
     from chexops.config import ModelConfig
     from chexops.model import build_model, load_weights
-    from chexops.predict import Predictor, coding_from_metadata
+    from chexops.predict import Predictor
+    from chexops.uncertainty import coding_from_metadata
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})

@@ -186,13 +186,25 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
                            f"MLFLOW_TRACKING_URI") from None
 
 
+def coding_from_metadata(meta: dict[str, str], targets: tuple[str, ...] | list[str]) -> OutputCoding:
+    """The output coding a weights file (or a pyfunc config) records under `coding`; all binary
+    when it records none (weights written before U-MultiClass). Checked against the targets."""
+    coding = (OutputCoding.from_str(str(meta["coding"])) if meta.get("coding")
+              else OutputCoding((BINARY,) * len(targets)))
+    if len(coding.kinds) != len(targets):
+        raise ChexopsError(f"the weights' output coding {coding.to_str()!r} covers "
+                           f"{len(coding.kinds)} targets, not the {len(targets)} "
+                           f"({','.join(targets)}); use weights written by chexops")
+    return coding
+
+
 def load_teacher(params: Params, path: Path) -> tuple[nn.Module, OutputCoding]:
     """The teacher network: same model params, its output coding from the weights' metadata
     (read as predict reads any weights file)."""
     import dataclasses
 
     from chexops.model import build_model, load_weights
-    from chexops.predict import coding_from_metadata, weights_metadata
+    from chexops.model import weights_metadata
 
     try:
         coding = coding_from_metadata(weights_metadata(path), params.targets)
