@@ -146,7 +146,9 @@ def test_stage_writes_metrics_plots_report_and_closes_the_trial(stage_repo):
     assert len(pd.read_csv(root / "plots/evaluate/confusion.csv")) == len(Y)
     assert pd.read_csv(root / "plots/evaluate/precision_recall.csv").shape[1] == 2
     report = root / "reports/evaluate"
-    assert {"report.md", "roc.png", "confusion.png"} <= {p.name for p in report.iterdir()}
+    assert {"report.md", "roc.png", "precision_recall.png", "confusion.png"} <= \
+        {p.name for p in report.iterdir()}
+    assert (report / "precision_recall.png").read_bytes()[:4] == b"\x89PNG"
     assert (report / "roc.png").read_bytes()[:4] == b"\x89PNG"
     run_id = json.loads((root / "runs/evaluate.json").read_text())["run_id"]
     c = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

@@ -81,7 +81,9 @@ def test_stage_writes_statistics_report_predictions_and_registers(stage_repo, ca
     assert calibration["count"].sum() == N
     assert set(pd.read_csv(root / "plots/evaluate/subgroups.csv").kind) == {"sex", "age", "view", "ap_pa"}
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 7  # roc, confusion, reliability, subgroups, 3 cams
+    # roc, precision-recall, confusion, reliability, subgroups, 3 cams
+    assert page.count("data:image/png;base64,") >= 8
+    assert "ROC, precision-recall and confusion at threshold" in page
     assert not re.search(r"(src|href)=\"(?!data:)", page)  # self-contained: nothing external
     assert "Operating point at sensitivity 0.9" in page
 

@@ -205,6 +205,26 @@ def confusion_figure(confusion: list[list[int]] | None, target: str) -> "Figure"
     return fig
 
 
+def pr_figure(curves: dict[str, dict[str, pd.DataFrame]], metrics: dict[str, Any]) -> "Figure":
+    """Precision-recall curves of every target, with each target's prevalence (the curve of a
+    model that guesses) dashed and its precision/recall at the threshold in the legend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
+    for target, c in curves.items():
+        m = metrics[target]
+        line, = ax.plot(c["pr"]["recall"], c["pr"]["precision"],
+                        label=f"{target} (P {_fmt(m.get('precision'))}, R {_fmt(m.get('recall'))})")
+        if m.get("n"):
+            ax.axhline(m.get("n_pos", 0) / m["n"], linestyle="--", linewidth=1,
+                       color=line.get_color())
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], metrics: dict[str, Any]) -> "Figure":
     """ROC curves of every target with their AUROC in the legend."""
     from matplotlib.figure import Figure

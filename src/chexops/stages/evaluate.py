@@ -66,8 +66,10 @@ def write_plots(root: Path, curves: dict) -> None:
 
 
 def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ...]) -> dict:
-    """reports/evaluate/{report.md, roc.png, confusion*.png}, swapped in whole; returns figures."""
-    figures = {"roc.png": evaluate.roc_figure(curves, metrics)}
+    """reports/evaluate/{report.md, roc.png, precision_recall.png, confusion*.png}, swapped in
+    whole; returns figures."""
+    figures = {"roc.png": evaluate.roc_figure(curves, metrics),
+               "precision_recall.png": evaluate.pr_figure(curves, metrics)}
     for t in targets:
         name = "confusion.png" if len(targets) == 1 else f"confusion-{evaluate.slug(t)}.png"
         figures[name] = evaluate.confusion_figure(metrics[t].get("confusion"), t)

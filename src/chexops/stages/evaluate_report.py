@@ -68,7 +68,7 @@ def _html(params: Params, metrics: dict[str, Any], result: analysis.Analysis,
           "in metrics/evaluate.json."]),
         (f"Operating point at sensitivity {params.evaluate.target_sensitivity}",
          [analysis.operating_table(result, params.targets)]),
-        ("ROC and confusion at threshold", list(base_figures.values())),
+        ("ROC, precision-recall and confusion at threshold", list(base_figures.values())),
         ("Calibration", [extra["reliability.png"]]),
     ]
     for t in params.targets:
