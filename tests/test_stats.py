@@ -162,3 +162,29 @@ def test_study_aggregation_takes_the_max_over_views():
     assert list(out.study) == ["patient00001/study1", "patient00001/study2", "patient00002/study1"]
     assert list(out.prob) == [0.7, 0.4, 0.1] and list(out.label) == [1, 0, 0]
     assert list(out.views) == [2, 1, 1]
+
+
+def test_summary_table_lists_per_study_and_tta_results_beside_the_cis():
+    from types import SimpleNamespace
+
+    from chexops import analysis
+
+    rng = np.random.default_rng(0)
+    y = np.array([(i // 2) % 2 for i in range(120)])  # both views of a study share its label
+    p = np.clip(0.35 * y + 0.65 * rng.random(len(y)), 0, 1)
+    valid = pd.DataFrame({
+        "Path": [f"CheXpert-v1.0-small/valid/patient{i // 2:05d}/study1/view{i % 2 + 1}_frontal.jpg"
+                 for i in range(len(y))],
+        "Cardiomegaly": y, "Sex": "Male", "Age": 60, "Frontal/Lateral": "Frontal", "AP/PA": "AP"})
+    cfg = SimpleNamespace(per_study=True, bootstrap=1000, target_sensitivity=0.9, threshold=0.5)
+    result = analysis.analyse(valid, p, ("Cardiomegaly",), cfg, seed=0)
+    metrics = {"Cardiomegaly": {"tta": {"auroc": 0.81, "recall": 0.7, "views": 4},
+                                "ceiling_auroc": 0.99}}
+    table = analysis.summary_table(metrics, result, ("Cardiomegaly",)).set_index("metric")
+    study = result.metrics["Cardiomegaly"]["per_study"]
+    row = table.loc[f"auroc_per_study ({study['n']} studies)"]
+    assert study["n"] == 60 and row["lo"] <= row["value"] <= row["hi"]
+    assert table.loc["auroc_tta (4 views)", "value"] == 0.81
+    assert table.loc["recall_tta (4 views)", "value"] == 0.7
+    assert table.loc["ceiling_auroc", "value"] == 0.99
+    assert "auroc" in table.index  # the bootstrap CI rows are still there

@@ -61,7 +61,8 @@ def analyse(valid: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ...], cf
 
 def summary_table(metrics: dict[str, Any], analysis: Analysis,
                   targets: tuple[str, ...]) -> pd.DataFrame:
-    """One row per target and metric: value and 95 % CI, plus the operating point."""
+    """One row per target and metric: value and 95 % CI; per-study AUROC and the TTA result
+    when the evaluate params asked for them; the synthetic ceiling when there is one."""
     rows = []
     for t in targets:
         for name, ci in analysis.metrics.get(t, {}).get("ci", {}).items():
@@ -71,6 +72,15 @@ def summary_table(metrics: dict[str, Any], analysis: Analysis,
         for name in ("ece", "brier"):
             rows.append({"target": t, "metric": name, "value": extra.get(name), "lo": None,
                          "hi": None})
+        study = extra.get("per_study")
+        if study:  # evaluate.per_study: max over a study's views, DeLong's interval
+            rows.append({"target": t, "metric": f"auroc_per_study ({study['n']} studies)",
+                         "value": study["auroc"], "lo": study["lo"], "hi": study["hi"]})
+        tta = dict(metrics.get(t, {}).get("tta", {}))
+        views = tta.pop("views", None)
+        for name, value in tta.items():  # evaluate.tta: the mean over augmented views
+            rows.append({"target": t, "metric": f"{name}_tta ({views} views)", "value": value,
+                         "lo": None, "hi": None})
         if metrics.get(t, {}).get("ceiling_auroc") is not None:
             rows.append({"target": t, "metric": "ceiling_auroc",
                          "value": metrics[t]["ceiling_auroc"], "lo": None, "hi": None})
