@@ -203,8 +203,7 @@ def load_teacher(params: Params, path: Path) -> tuple[nn.Module, OutputCoding]:
     (read as predict reads any weights file)."""
     import dataclasses
 
-    from chexops.model import build_model, load_weights
-    from chexops.model import weights_metadata
+    from chexops.model import build_model, load_weights, weights_metadata
 
     try:
         coding = coding_from_metadata(weights_metadata(path), params.targets)
