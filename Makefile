@@ -7,7 +7,7 @@ STAMP := $(VENV)/.chexops-installed
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PORT ?= 5000
 
-.PHONY: setup repro test test-fast ui bench
+.PHONY: setup repro test test-fast lint ui bench
 
 setup: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 repro: setup
 	$(RUN) dvc repro
 
-test: setup
+test: setup lint
 	$(RUN) $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src benchmarks
 
 test-fast: setup
 	$(RUN) $(BIN)/python -m pytest -q -m "not slow"

@@ -30,7 +30,7 @@ SEED_COUNTS = (27_000, 11_116, 8_087, 177_211)   # Cardiomegaly 1 / 0 / -1 / bla
 
 def bench_synthetic(patients: int, workers: int) -> dict:
     from chexops.config import SyntheticConfig
-    from chexops.data.synthetic import generate_zip
+    from chexops.data.synthetic.generate import generate_zip
 
     cfg = SyntheticConfig(train_patients=patients, valid_patients=max(patients // 10, 1), workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +67,8 @@ def build_scale_zip(path: Path, rows: int) -> None:
     def line(split, i, label):
         obs = blanks.split(",")
         obs[cardio_at] = label
-        return f"CheXpert-v1.0-small/{split}/patient{i // 3 + 1:05d}/study1/view{i % 3 + 1}_frontal.jpg,Female,60,Frontal,AP," + ",".join(obs)
+        path = f"CheXpert-v1.0-small/{split}/patient{i // 3 + 1:05d}/study1/view{i % 3 + 1}_frontal.jpg"
+        return f"{path},Female,60,Frontal,AP," + ",".join(obs)
 
     train = [line("train", i, lab) for i, lab in enumerate(labels)]
     valid = [line("valid", rows * 3 + i, "1.0" if i % 3 == 0 else "0.0") for i in range(234)]
@@ -107,7 +108,8 @@ def bench_clean_resample(rows: int) -> dict:
         build_scale_zip(zip_path, rows)
         build_s = time.perf_counter() - start
         out = subprocess.run([sys.executable, __file__, "--measure", str(zip_path)], check=True,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+                             capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
     return {"train_rows": rows, "zip_build_s": build_s, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 

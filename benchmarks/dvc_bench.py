@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from data_bench import build_scale_zip  # noqa: E402
+
 from tests.pipeline_repo import make_repo_copy, pipeline_env  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Loader benchmark (issue 4): batches from the decoded-image cache (load_image_array, memory-mapped,
-+ chexops.batches) against decoding each JPEG out of the zip with PIL per item (what a plain
++ chexops.data.batches) against decoding each JPEG out of the zip with PIL per item (what a plain
 torchvision-style Dataset does), on the same cores, same batch size, same output (uint8 batches).
 
     python benchmarks/loader_bench.py [--images 512] [--size 64] [--workers 0] [--epochs 3]
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from chexops.batches import ArraySet, make_loader
+from chexops.data.batches import ArraySet, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = "CheXpert-v1.0-small"

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chexops import stats  # noqa: E402
+from chexops.evaluation import stats  # noqa: E402
 
 
 def scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chexops.batches import ArraySet, make_loader, to_input
 from chexops.config import ModelConfig, RuntimeConfig, TrainConfig
-from chexops.model import build_model
-from chexops.schedule import OneCycle
-from chexops.train import EpochState, make_optimizer, resolve_settings, train_one_epoch
+from chexops.data.batches import ArraySet, make_loader, to_input
+from chexops.inference.settings import resolve_settings
+from chexops.model.network import build_model
+from chexops.training.loop import EpochState, make_optimizer, train_one_epoch
+from chexops.training.schedule import OneCycle
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "densenet121"
@@ -111,7 +112,8 @@ def compare(size: int, batch: int, n_batches: int, device: torch.device, repeats
     pair_ratios = [o / b for o, b in zip(times["ours"], times["bare"])]
     n = batch * n_batches
     return {"arch": ARCH, "image_size": size, "batch": batch, "batches": n_batches,
-            "device": str(device), "device_name": device_name(device), "precision": "bf16-autocast" if amp else "fp32",
+            "device": str(device), "device_name": device_name(device),
+            "precision": "bf16-autocast" if amp else "fp32",
             "channels_last": s.channels_last, "repeats": repeats,
             "bare_images_per_s": n / bare_s, "ours_images_per_s": n / ours_s,
             "overhead_ratio": ours_s / bare_s,

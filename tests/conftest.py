@@ -14,8 +14,8 @@ def tiny_chexpert_zip(tmp_path):
 
 @pytest.fixture()
 def stage_runs(monkeypatch):
-    """chexops.tracking.stage_run -> an in-memory recorder; yields [(stage, run), ...]."""
-    import chexops.tracking as tracking
+    """chexops.tracking.runs.stage_run -> an in-memory recorder; yields [(stage, run), ...]."""
+    import chexops.tracking.runs as tracking
 
     runs: list = []
     monkeypatch.setattr(tracking, "stage_run", fake_stage_run(runs))

@@ -66,7 +66,7 @@ def write_chexpert_zip(path: Path, train: pd.DataFrame | None = None, valid: pd.
 
 
 class FakeRun:
-    """Stands in for chexops.tracking.StageRun: records what a stage logs. `logged_steps` is the
+    """Stands in for chexops.tracking.runs.StageRun: records what a stage logs. `logged_steps` is the
     set of metric steps of this run id, shared by every FakeRun that continues it (a resume)."""
 
     def __init__(self, run_id: str = "fake", logged_steps: set | None = None):

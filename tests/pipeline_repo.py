@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.processes import run_group
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -66,7 +68,10 @@ def pipeline_env(tmp_home: Path | None = None) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run `cmd`, failing with its output unless it exits 0. It runs in its own process group:
+    on timeout or failure the whole group is stopped, e.g. the `chexops train-round` that a
+    `dvc repro` started, not only dvc (tests/processes.py)."""
+    proc = run_group(cmd, cwd=cwd, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -3,8 +3,6 @@ its own id, and waiting for an HTTP endpoint with a deadline (never a fixed slee
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -12,6 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from tests.processes import popen_group, stop_group
 
 
 def free_port() -> int:
@@ -38,20 +38,15 @@ def wait_http(url: str, proc: subprocess.Popen, deadline_s: float, log: Path) ->
 
 @contextlib.contextmanager
 def server(cmd: list[str], health_url: str, log: Path, deadline_s: float,
-           env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """Start `cmd` in its own process group, wait for `health_url`, stop that group afterwards."""
+           env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Start `cmd` in its own process group, wait for `health_url`, stop that group afterwards
+    (SIGTERM, then SIGKILL for what is left after a grace period: tests/processes.py)."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = popen_group(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           env=env, cwd=cwd)
     try:
         wait_http(health_url, proc, deadline_s, log)
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        stop_group(proc)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chexops import paths
-from chexops.augment import PRESETS, Augmenter, augment_batch, make_augmenter, resolve
+from chexops.data.augment import PRESETS, Augmenter, augment_batch, make_augmenter, resolve
 from chexops.config import AugmentConfig, ConfigError, TrainConfig
 from chexops.stages import train_round as stage
 from tests.test_train import new_model, plan, tiny_data, weights
@@ -72,7 +72,7 @@ def test_training_with_augmentation_is_reproducible_and_differs(tmp_path):
                       augment=AugmentConfig(preset="light"))
     for name, p in (("a", plan(epochs=1, train=aug)), ("b", plan(epochs=1, train=aug)),
                     ("none", plan(epochs=1, max_batches=2))):
-        from chexops.train import train_round
+        from chexops.training.loop import train_round
         train_round(new_model(), data, valid, p, tmp_path / f"{name}.safetensors")
     a, b, none = (weights(tmp_path / f"{n}.safetensors") for n in ("a", "b", "none"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -80,7 +80,7 @@ def test_training_with_augmentation_is_reproducible_and_differs(tmp_path):
 
 
 def test_tta_at_evaluate_is_reported_beside_the_plain_result(root, runs):
-    from chexops.inference import predict_frame
+    from chexops.inference.frames import predict_frame
     from chexops.stages.evaluate import add_tta
 
     p = params(evaluate={"tta": 3})
@@ -96,7 +96,7 @@ def test_tta_at_evaluate_is_reported_beside_the_plain_result(root, runs):
     add_tta(p, root, w, valid, metrics)
     got = metrics["Cardiomegaly"]["tta"]
     assert got["views"] == 3 and 0 <= got["auroc"] <= 1 and metrics["Cardiomegaly"]["auroc"] == 0.5
-    from chexops.tracking import numeric_metrics
+    from chexops.tracking.runs import numeric_metrics
     assert "Cardiomegaly.tta.auroc" in numeric_metrics(metrics)
     off = {"Cardiomegaly": {}}
     add_tta(params(), root, w, valid, off)       # evaluate.tta: 0 -> nothing added

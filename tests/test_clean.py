@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chexops.stages import clean as clean_stage
 from chexops.data import clean
 from chexops.errors import ChexopsError
 from tests.helpers import chexpert_rows, csv_text, jpeg_bytes, make_params, write_chexpert_zip
@@ -22,7 +23,7 @@ def repo_with(tmp_path, **kw):
 
 def test_main_writes_table_report_and_counts(tmp_path, stage_runs, capsys):
     root = repo_with(tmp_path)
-    clean.main(make_params(), root)
+    clean_stage.main(make_params(), root)
     df = pd.read_parquet(root / "data/clean/labels.parquet")
     train, valid = chexpert_rows()
     assert len(df) == len(train) + len(valid)
@@ -78,7 +79,7 @@ def test_bad_images_below_limit_are_dropped_and_listed(tmp_path, stage_runs):
     train, valid = chexpert_rows(train_patients=60)
     missing = train["Path"].iloc[3]
     root = repo_with(tmp_path, train=train, valid=valid, skip_images=(missing,))
-    clean.main(make_params({"clean": {"max_bad_fraction": 0.05}}), root)
+    clean_stage.main(make_params({"clean": {"max_bad_fraction": 0.05}}), root)
     df = pd.read_parquet(root / "data/clean/labels.parquet")
     report = pd.read_csv(root / "data/clean/bad_images.csv")
     assert missing not in set(df["Path"]) and list(report["Path"]) == [missing]
@@ -97,7 +98,7 @@ def test_too_many_bad_images_stop_the_stage(tmp_path, stage_runs):
     root = repo_with(tmp_path, train=train, valid=valid,
                      corrupt_images=tuple(train["Path"][:3]))
     with pytest.raises(ChexopsError, match=r"3 of 18 images .* above clean.max_bad_fraction"):
-        clean.main(make_params(), root)
+        clean_stage.main(make_params(), root)
     assert_nothing_written(root)
 
 
@@ -124,20 +125,20 @@ def bad_csv_cases():
 def test_bad_csvs_give_one_line_errors_and_write_nothing(tmp_path, stage_runs, text, message):
     root = repo_with(tmp_path, train_csv=text)
     with pytest.raises(ChexopsError, match=message) as info:
-        clean.main(make_params(), root)
+        clean_stage.main(make_params(), root)
     assert "\n" not in str(info.value) and ";" in str(info.value)
     assert_nothing_written(root)
 
 
 def test_missing_zip_names_the_fix(tmp_path):
     with pytest.raises(ChexopsError, match="run `dvc repro download` first"):
-        clean.main(make_params(), tmp_path)
+        clean_stage.main(make_params(), tmp_path)
 
 
 def test_filters_that_leave_nothing_are_an_error(tmp_path, stage_runs):
     root = repo_with(tmp_path)
     with pytest.raises(ChexopsError, match="no train rows left"):
-        clean.main(make_params({"clean": {"age_min": 200}}), root)
+        clean_stage.main(make_params({"clean": {"age_min": 200}}), root)
     assert_nothing_written(root)
 
 
@@ -149,7 +150,7 @@ def test_full_image_check_drops_truncated_jpegs(tmp_path, stage_runs, check):
     whole = jpeg_bytes(5, 200, 160)
     with zipfile.ZipFile(root / "data/raw/chexpert.zip", "a") as zf:
         zf.writestr(victim, whole[: len(whole) // 2])
-    clean.main(make_params({"clean": {"max_bad_fraction": 0.05, "image_check": check}}), root)
+    clean_stage.main(make_params({"clean": {"max_bad_fraction": 0.05, "image_check": check}}), root)
     df = pd.read_parquet(root / "data/clean/labels.parquet")
     report = pd.read_csv(root / "data/clean/bad_images.csv")
     if check == "header":      # the fast check cannot see a truncated body (training would say so)

@@ -9,7 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from chexops import cli, compare, tracking
+from chexops import cli
+
+from chexops.commands import compare
+
+from chexops.tracking import runs as tracking
 from chexops.config import to_dict
 from chexops.errors import ChexopsError
 from tests.tiny_model import tiny_params

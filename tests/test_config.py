@@ -149,7 +149,7 @@ def test_data_checks_accept_good_values():
 
 
 def test_augment_presets_are_within_the_bounds():
-    from chexops.augment import PRESETS
+    from chexops.data.augment import PRESETS
     from chexops.config import AUGMENT_BOUNDS
 
     for cfg in PRESETS.values():

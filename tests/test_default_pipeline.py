@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from chexops import paths
-from chexops.evaluate import ceiling_auroc
+from chexops.evaluation.targets import ceiling_auroc
 from tests.pipeline_repo import REPO, deep_update, make_repo_copy, pipeline_env, run
 
 pytestmark = pytest.mark.slow

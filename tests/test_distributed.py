@@ -1,12 +1,15 @@
-"""chexops.distributed: the torchrun relaunch, single-process no-ops, and a real 2-process gloo run
+"""chexops.training.distributed: the torchrun relaunch, single-process no-ops, and a real 2-process gloo run
 compared with the single-process run of the same effective batch.
 
 Tolerances (docs/DISTRIBUTED.md): without BatchNorm and dropout the two runs see the same batches
 and the same gradients, so they agree to float rounding (weights within 1e-5 relative L2).
 With them (the real recipe), BatchNorm normalises over each rank's half batch and each rank draws
 dropout masks for its own half (same seed on every rank, unlike one mask over the whole batch),
-so they agree only closely: validation loss and AUROC within 0.05, weights
-within 5 % relative L2 (measured: 0.019, 0.0, 1.1 %).
+so they agree only closely: validation loss within 0.05, weights within 5 % relative L2 and
+under 0.15 of the distance training moved them from their start (measured: 0.019, 1.1 %,
+1.1 % of 19 %). Not compared there: AUROC (1.0 for both runs on this easy validation set, so
+it could not fail) and the training loss (averaged under each rank's own dropout masks: up to
+0.09 apart).
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chexops import distributed
+from chexops.training import distributed
 from chexops.config import params_from_dict
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
+from tests.processes import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -116,12 +120,11 @@ def _torchrun(out: Path, mode: str, timeout: int = 600) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKER), str(out), mode]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+    try:  # torchrun, its agent and both ranks in one process group: a hang kills them all
+        proc = run_group(cmd, cwd=REPO, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # the ranks' collectives got out of step
         pytest.fail(f"the 2-process run hung (no result in {timeout} s): "
-                    f"{(exc.stderr or b'')[-2000:]!r}")
+                    f"{(exc.stderr or '')[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
@@ -171,14 +174,29 @@ def test_two_gloo_processes_match_one_process_exactly_without_batchnorm(tmp_path
     assert dist < 1e-5
 
 
+def _initial_weights(path: Path, exact: bool) -> Path:
+    """The weights both runs start from (tiny_model is seeded), saved to `path`."""
+    from safetensors.torch import save_file
+
+    from tests.ddp_worker import tiny_model
+
+    state = tiny_model(exact).state_dict()
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_within_tolerance_with_batchnorm(tmp_path):
     single, ddp, dist = _compare(tmp_path, "recipe")
     for a, b in zip(single["history"], ddp["history"]):
         assert abs(b["valid_loss"] - a["valid_loss"]) < 0.05
-        assert abs(b["auroc"] - a["auroc"]) < 0.05
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
     assert 0 < dist < 0.05
+    # and the two runs' weights are far closer to each other than to where training started:
+    # they learned the same thing, not merely something small
+    moved = _weights_distance(tmp_path / "one" / "best.safetensors",
+                              _initial_weights(tmp_path / "initial.safetensors", exact=False))
+    assert dist < 0.15 * moved, (dist, moved)
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ import pytest
 import requests
 import yaml
 
+from chexops.stages import download as download_stage
 from chexops.data import download
-from chexops.data.synthetic import generate_zip
+from chexops.data.synthetic.generate import generate_zip
 from chexops.errors import ChexopsError
 from tests.helpers import TINY_SYNTHETIC, chexpert_rows, csv_text, make_params, write_chexpert_zip
 
@@ -41,11 +42,11 @@ def assert_raw_untouched(root, before=None):
 
 
 def test_synthetic_source_writes_zip_and_truth_deterministically(tmp_path, stage_runs):
-    download.main(params_for("synthetic"), tmp_path)
+    download_stage.main(params_for("synthetic"), tmp_path)
     raw = tmp_path / "data/raw"
     assert sorted(p.name for p in raw.iterdir()) == ["chexpert.zip", "synthetic_truth.parquet"]
     first = md5(raw / "chexpert.zip")
-    download.main(params_for("synthetic"), tmp_path)
+    download_stage.main(params_for("synthetic"), tmp_path)
     assert md5(raw / "chexpert.zip") == first
     run = stage_runs[0][1]
     assert run.params["source"] == "synthetic" and run.metrics["images"] == len(
@@ -69,7 +70,7 @@ def test_local_folder_is_packed_without_touching_it(tmp_path, stage_runs, chexpe
     source = chexpert_folder / "CheXpert-v1.0-small" if inner else chexpert_folder
     before = snapshot(chexpert_folder)
     root = tmp_path / "repo"
-    download.main(params_for(source), root)
+    download_stage.main(params_for(source), root)
     assert snapshot(chexpert_folder) == before
     with zipfile.ZipFile(root / "data/raw/chexpert.zip") as zf:
         names = set(zf.namelist())
@@ -77,12 +78,12 @@ def test_local_folder_is_packed_without_touching_it(tmp_path, stage_runs, chexpe
     assert len([n for n in names if n.endswith(".jpg")]) == 18
     assert stage_runs[0][1].metrics["train_rows"] == 12
     first = md5(root / "data/raw/chexpert.zip")
-    download.main(params_for(source), root)
+    download_stage.main(params_for(source), root)
     assert md5(root / "data/raw/chexpert.zip") == first
 
 
 def test_local_zip_is_validated_and_copied(tmp_path, stage_runs, tiny_chexpert_zip):
-    download.main(params_for(tiny_chexpert_zip), tmp_path / "repo")
+    download_stage.main(params_for(tiny_chexpert_zip), tmp_path / "repo")
     assert md5(tmp_path / "repo/data/raw/chexpert.zip") == md5(tiny_chexpert_zip)
     assert stage_runs[0][1].params["source"] == "local"
 
@@ -106,20 +107,20 @@ def bad_zip(tmp_path, kind):
                                            ("zip-slip", "zip-slip"), ("absolute", "zip-slip")])
 def test_bad_zips_are_refused_leaving_previous_data(tmp_path, stage_runs, tiny_chexpert_zip, kind, message):
     root = tmp_path / "repo"
-    download.main(params_for(tiny_chexpert_zip), root)
+    download_stage.main(params_for(tiny_chexpert_zip), root)
     before = md5(root / "data/raw/chexpert.zip")
     with pytest.raises(ChexopsError, match=message) as info:
-        download.main(params_for(bad_zip(tmp_path, kind)), root)
+        download_stage.main(params_for(bad_zip(tmp_path, kind)), root)
     assert "\n" not in str(info.value)
     assert_raw_untouched(root, before)
 
 
 def test_missing_path_and_non_chexpert_folder(tmp_path, stage_runs):
     with pytest.raises(ChexopsError, match="does not exist; give an existing CheXpert"):
-        download.main(params_for(tmp_path / "nope"), tmp_path / "repo")
+        download_stage.main(params_for(tmp_path / "nope"), tmp_path / "repo")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ChexopsError, match="holds no CheXpert-v1.0-small/"):
-        download.main(params_for(tmp_path / "empty"), tmp_path / "repo")
+        download_stage.main(params_for(tmp_path / "empty"), tmp_path / "repo")
     assert not (tmp_path / "repo/data/raw").exists()
     assert not list((tmp_path / "repo/data").glob(".raw*"))
 
@@ -132,7 +133,7 @@ def test_disk_full_gives_a_clear_error_and_no_partial_output(tmp_path, stage_run
 
     monkeypatch.setattr(shutil, "copyfile", full)
     with pytest.raises(ChexopsError, match="disk full while writing data/raw; free space"):
-        download.main(params_for(tiny_chexpert_zip), tmp_path / "repo")
+        download_stage.main(params_for(tiny_chexpert_zip), tmp_path / "repo")
     assert list((tmp_path / "repo/data").iterdir()) == []
 
 
@@ -182,7 +183,7 @@ def server(tiny_chexpert_zip):
 
 def test_url_download_verifies_checksum_and_redacts_the_token(tmp_path, stage_runs, server, monkeypatch, capsys):
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/chexpert.zip?token=SECRET123&sig=abc")
-    download.main(params_for("url", sha256=server["sha"]), tmp_path)
+    download_stage.main(params_for("url", sha256=server["sha"]), tmp_path)
     assert hashlib.sha256((tmp_path / "data/raw/chexpert.zip").read_bytes()).hexdigest() == server["sha"]
     out = capsys.readouterr()
     assert f"{server['base']}/chexpert.zip?***" in out.out
@@ -192,7 +193,7 @@ def test_url_download_verifies_checksum_and_redacts_the_token(tmp_path, stage_ru
 def test_url_checksum_mismatch(tmp_path, stage_runs, server, monkeypatch):
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/chexpert.zip?token=SECRET123")
     with pytest.raises(ChexopsError, match="checksum mismatch .* expected 0{64}; re-download") as info:
-        download.main(params_for("url", sha256="0" * 64), tmp_path)
+        download_stage.main(params_for("url", sha256="0" * 64), tmp_path)
     assert "SECRET123" not in str(info.value)
     assert_raw_untouched(tmp_path)
 
@@ -200,7 +201,7 @@ def test_url_checksum_mismatch(tmp_path, stage_runs, server, monkeypatch):
 def test_url_404_fails_at_once(tmp_path, stage_runs, server, monkeypatch):
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/gone.zip?token=SECRET123")
     with pytest.raises(ChexopsError, match=r"gone.zip\?\*\*\* answered HTTP 404 .* check \$CHEXPERT_URL"):
-        download.main(params_for("url"), tmp_path)
+        download_stage.main(params_for("url"), tmp_path)
     assert len(server["hits"]) == 1
     assert_raw_untouched(tmp_path)
 
@@ -210,7 +211,7 @@ def test_url_timeout_retries_with_backoff(tmp_path, stage_runs, server, monkeypa
     monkeypatch.setattr(download, "_sleep", waits.append)
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/slow.zip")
     with pytest.raises(ChexopsError, match=r"failed \(timed out\) after 3 attempt"):
-        download.main(params_for("url", retries=3, timeout_s=0.3), tmp_path)
+        download_stage.main(params_for("url", retries=3, timeout_s=0.3), tmp_path)
     assert waits == [1.0, 2.0] and len(server["hits"]) == 3
     assert_raw_untouched(tmp_path)
 
@@ -218,7 +219,7 @@ def test_url_timeout_retries_with_backoff(tmp_path, stage_runs, server, monkeypa
 def test_url_source_needs_the_environment_variable(tmp_path, stage_runs, monkeypatch):
     monkeypatch.delenv("CHEXPERT_URL", raising=False)
     with pytest.raises(ChexopsError, match=r"\$CHEXPERT_URL is not set; export CHEXPERT_URL="):
-        download.main(params_for("url"), tmp_path)
+        download_stage.main(params_for("url"), tmp_path)
 
 
 def test_redact_url_drops_credentials_query_and_fragment():
@@ -239,7 +240,7 @@ def test_body_cut_short_is_retried_then_one_clean_line(tmp_path, stage_runs, ser
     with pytest.raises(ChexopsError, match=r"short.zip\?\*\*\* failed \(connection (broken mid-download|"
                                            r"closed after \d+ of \d+ bytes)\) after 3 attempt\(s\); "
                                            r"check the link and network") as info:
-        download.main(params_for("url", retries=3), tmp_path)
+        download_stage.main(params_for("url", retries=3), tmp_path)
     assert "\n" not in str(info.value) and info.value.__cause__ is None
     assert waits == [1.0, 2.0] and len(server["hits"]) == 3
     out = capsys.readouterr()
@@ -252,7 +253,7 @@ def test_a_5xx_is_retried_and_the_retry_succeeds(tmp_path, stage_runs, server, m
     waits: list[float] = []
     monkeypatch.setattr(download, "_sleep", waits.append)
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/flaky.zip?token=SECRET123")
-    download.main(params_for("url", retries=3, sha256=server["sha"]), tmp_path)
+    download_stage.main(params_for("url", retries=3, sha256=server["sha"]), tmp_path)
     assert hashlib.sha256((tmp_path / "data/raw/chexpert.zip").read_bytes()).hexdigest() == server["sha"]
     assert waits == [1.0] and len(server["hits"]) == 2
     out = capsys.readouterr().out
@@ -265,7 +266,7 @@ def test_redirect_loop_fails_at_once_without_the_token(tmp_path, stage_runs, ser
     monkeypatch.setattr(download, "_sleep", waits.append)
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/loop.zip?token=SECRET123")
     with pytest.raises(ChexopsError, match=r"failed \(too many redirects\); the link loops") as info:
-        download.main(params_for("url", retries=3), tmp_path)
+        download_stage.main(params_for("url", retries=3), tmp_path)
     assert waits == [] and "\n" not in str(info.value)
     out = capsys.readouterr()
     assert no_secret(str(info.value), out.out, out.err)
@@ -338,7 +339,7 @@ def test_url_in_data_source_is_refused_redacted(tmp_path, stage_runs):
     params = make_params({"data": {"url_env": "MY_LINK"}})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=url))
     with pytest.raises(ChexopsError, match="export MY_LINK=.* set data.source: url") as info:
-        download.main(params, tmp_path)                   # and the stage's own guard
+        download_stage.main(params, tmp_path)                   # and the stage's own guard
     assert no_secret(str(info.value)) and "\n" not in str(info.value)
     assert not (tmp_path / "data/raw").exists()
 
@@ -348,7 +349,7 @@ def test_url_in_data_source_is_refused_redacted(tmp_path, stage_runs):
 def test_plain_http_is_refused_unless_loopback(tmp_path, stage_runs, monkeypatch, url):
     monkeypatch.setenv("CHEXPERT_URL", url)
     with pytest.raises(ChexopsError, match=r"\$CHEXPERT_URL is a plain http:// URL .* use the https:// link") as info:
-        download.main(params_for("url"), tmp_path)
+        download_stage.main(params_for("url"), tmp_path)
     assert no_secret(str(info.value))
     assert_raw_untouched(tmp_path)
 
@@ -363,16 +364,16 @@ def test_loopback_hosts():
 # ---------------------------------------------------------------- the synthetic seed, DVC params
 
 def test_synthetic_data_follows_its_own_seed_not_the_training_seed(tmp_path, stage_runs):
-    download.main(params_for("synthetic"), tmp_path / "a")
+    download_stage.main(params_for("synthetic"), tmp_path / "a")
     assert make_params().data.synthetic.seed == 42
     direct = make_params({"data": {"synthetic": TINY_SYNTHETIC}}).data.synthetic
     generate_zip(direct, 42, tmp_path / "direct.zip", tmp_path / "direct.parquet")
     base = md5(tmp_path / "a/data/raw/chexpert.zip")
     assert base == md5(tmp_path / "direct.zip")          # seed 42: the data as before
     other_seed = make_params({"seed": 7, "data": {"source": "synthetic", "synthetic": TINY_SYNTHETIC}})
-    download.main(other_seed, tmp_path / "b")
+    download_stage.main(other_seed, tmp_path / "b")
     assert md5(tmp_path / "b/data/raw/chexpert.zip") == base
-    download.main(params_for("synthetic", synthetic={**TINY_SYNTHETIC, "seed": 43}), tmp_path / "c")
+    download_stage.main(params_for("synthetic", synthetic={**TINY_SYNTHETIC, "seed": 43}), tmp_path / "c")
     assert md5(tmp_path / "c/data/raw/chexpert.zip") != base
 
 
@@ -400,6 +401,6 @@ def test_rows_are_counted_without_a_trailing_newline(tmp_path, stage_runs):
     text = csv_text(train).rstrip("\n")
     z = write_chexpert_zip(tmp_path / "c.zip", train, valid, train_csv=text)
     assert not text.endswith("\n")
-    download.main(params_for(z), tmp_path / "repo")
+    download_stage.main(params_for(z), tmp_path / "repo")
     metrics = stage_runs[0][1].metrics
     assert metrics["train_rows"] == len(train) and metrics["valid_rows"] == len(valid)

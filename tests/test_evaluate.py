@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexops import evaluate
+from chexops.evaluation import confusion, figures
+from chexops.evaluation import targets as evaluate
 from chexops.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_single_class_and_empty_splits_say_why_instead_of_crashing():
     assert curves["Cardiomegaly"]["roc"].empty
     empty, _ = evaluate.evaluate_targets(frame([]), np.zeros((0, 1)), ("Cardiomegaly",), 0.5)
     assert empty["Cardiomegaly"]["auroc"] is None and "empty" in empty["Cardiomegaly"]["note"]
-    assert "AUROC is undefined" in evaluate.markdown_report(metrics, ("Cardiomegaly",), "w")
+    assert "AUROC is undefined" in figures.markdown_report(metrics, ("Cardiomegaly",), "w")
 
 
 def test_ceiling_auroc_uses_the_latent_score():
@@ -72,7 +73,7 @@ def test_multi_target_adds_target_column_and_mean():
 
 
 def test_multi_target_mean_averages_every_scalar_metric_skipping_undefined():
-    from chexops.metrics import binary_metrics
+    from chexops.evaluation.metrics import binary_metrics
 
     y2 = np.array([1, 0, 1, 1, 0, 0, 1, 0])
     p2 = np.array([0.7, 0.6, 0.2, 0.9, 0.1, 0.3, 0.55, 0.8])
@@ -121,7 +122,7 @@ def stage_repo(tmp_path, monkeypatch):
         calls.append(Path(weights_path))
         return P[: len(df), None]
 
-    monkeypatch.setitem(sys.modules, "chexops.inference",
+    monkeypatch.setitem(sys.modules, "chexops.inference.frames",
                         types.SimpleNamespace(predict_frame=predict_frame))
     # issue 6: these weights are fake bytes, so no Grad-CAM and no registry here; both are tested
     # with a real tiny model in tests/test_evaluate_report.py

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from chexops import compare, predict
+from chexops.commands import compare
+
+from chexops.commands import predict
 from tests.tiny_model import REPO, SIZE, tiny_params, tiny_weights
 
 torch.set_num_threads(1)
@@ -51,7 +53,7 @@ def stage_repo(tmp_path, monkeypatch):
     fake = types.SimpleNamespace(  # no zip here: images come from memory, the model is real
         predict_frame=lambda p, w, df, z, r: predictor.probabilities(images[: len(df)]),
         load_images=lambda p, df, z, r: images[: len(df)])
-    monkeypatch.setitem(sys.modules, "chexops.inference", fake)
+    monkeypatch.setitem(sys.modules, "chexops.inference.frames", fake)
     return tmp_path, params
 
 
@@ -111,7 +113,7 @@ def test_stage_writes_statistics_report_predictions_and_registers(stage_repo, ca
 def test_report_page_is_self_contained_and_escapes_text():
     from matplotlib.figure import Figure
 
-    from chexops import report
+    from chexops.evaluation import report
 
     fig = Figure(figsize=(1, 1))
     fig.subplots().plot([0, 1], [0, 1])
@@ -125,7 +127,7 @@ def test_report_page_is_self_contained_and_escapes_text():
 def test_gradcam_figures_read_multiclass_weights_by_their_coding(tmp_path, monkeypatch):
     """U-MultiClass weights (3 logits per target): the report's Grad-CAM path builds the right
     head and scores each case by z_pos - z_neg (the coding goes through to gradcam)."""
-    from chexops import gradcam
+    from chexops.inference import gradcam
     from chexops.stages import evaluate_report
     from tests.tiny_model import tiny_multiclass_weights
 
@@ -133,7 +135,7 @@ def test_gradcam_figures_read_multiclass_weights_by_their_coding(tmp_path, monke
     weights = tiny_multiclass_weights(tmp_path, params)
     valid = valid_frame()
     images = np.random.default_rng(1).integers(0, 255, (N, SIZE, SIZE), dtype=np.uint8)
-    monkeypatch.setitem(sys.modules, "chexops.inference",
+    monkeypatch.setitem(sys.modules, "chexops.inference.frames",
                         types.SimpleNamespace(load_images=lambda p, df, z, r: images[: len(df)]))
     predictor = predict.predictor_from_weights(weights, params)
     probs = predictor.probabilities(images)

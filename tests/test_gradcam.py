@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from chexops import gradcam
-from chexops.model import ChexNet
+from chexops.inference import gradcam
+from chexops.model.network import ChexNet
 from tests.tiny_model import SIZE, tiny_params
 
 torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def test_gradcam_lights_up_the_region_the_logit_depends_on():
 
 
 def test_gradcam_on_a_timm_model_is_deterministic(tmp_path):
-    from chexops.model import build_model
+    from chexops.model.network import build_model
 
     params = tiny_params(tmp_path)
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_case_selection_is_seeded_and_correct():
 
 
 def test_case_grids_are_png_figures(tmp_path):
-    from chexops.model import build_model
+    from chexops.model.network import build_model
 
     params = tiny_params(tmp_path)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_case_grids_are_png_figures(tmp_path):
 # ---------------------------------------------------------------- U-MultiClass outputs
 
 def test_target_score_reads_each_target_by_its_own_slice():
-    from chexops.uncertainty import OutputCoding
+    from chexops.model.coding import OutputCoding
 
     coding = OutputCoding(("binary", "multiclass", "binary"))
     logits = torch.tensor([[0.5, 1.0, 3.0, -2.0, 7.0],
@@ -104,7 +104,7 @@ class SplitHead(nn.Module):
 
 
 def test_multiclass_gradcam_follows_pos_minus_neg():
-    from chexops.uncertainty import OutputCoding
+    from chexops.model.coding import OutputCoding
 
     body = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4))
     with torch.no_grad():

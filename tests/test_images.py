@@ -197,7 +197,7 @@ def test_decoder_version_is_part_of_the_key(tiny_chexpert_zip, tmp_path, monkeyp
 
 
 def test_experiment_workspace_uses_the_main_repo_cache(tmp_path):
-    from chexops.inference import image_cache_dir
+    from chexops.paths import image_cache_dir
 
     repo = tmp_path / "repo"
     temp = repo / ".dvc" / "tmp" / "exps" / "x"
@@ -266,6 +266,7 @@ def test_train_round_rows_index_the_memory_mapped_store_without_a_copy(tmp_path,
 
     from chexops import paths
     from chexops.stages import train_round
+    from chexops.training import rounds
     from tests.test_train_round_stage import params
 
     (tmp_path / paths.RAW_ZIP).parent.mkdir(parents=True)
@@ -274,7 +275,7 @@ def test_train_round_rows_index_the_memory_mapped_store_without_a_copy(tmp_path,
         members = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[:3]
     rows = [members[0], members[1], members[1], members[2], members[0]]
     df = pd.DataFrame({"Path": rows, "Cardiomegaly": [1.0, 0.0, 0.0, 1.0, 1.0]})
-    data = train_round.array_set(params(), tmp_path, df)
+    data = rounds.array_set(params(), tmp_path, df)
     assert isinstance(data.images, np.memmap)
     got = data.images[data.image_rows(np.arange(len(rows)))]
     want = load_image_array(tmp_path / paths.RAW_ZIP, rows, 32)  # no cache: a plain decode

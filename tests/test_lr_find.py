@@ -9,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chexops import lr_find, paths
+from chexops import paths
+
+from chexops.commands import lr_find as lr_find_command
+from chexops.training import lr_finder as lr_find
 from chexops.config import LRFindConfig
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
-from chexops.train import Settings
+from chexops.inference.settings import Settings
 from tests.test_train import new_model, plan, tiny_data
 from tests.test_train_round_stage import params, root, runs  # noqa: F401 (fixtures)
 
@@ -49,7 +52,7 @@ def test_range_test_explores_exponentially_and_leaves_the_model():
 
 
 def test_range_test_stops_when_the_smoothed_loss_passes_four_times_its_minimum(monkeypatch):
-    import chexops.train as train_mod
+    import chexops.training.loop as train_mod
 
     curve = iter([1.0] * 10 + list(np.linspace(1.0, 0.2, 20)) + [0.2 * 3 ** i for i in range(1, 30)])
     monkeypatch.setattr(train_mod, "accumulate_grads",
@@ -101,12 +104,59 @@ def test_lr_auto_that_diverges_at_once_stops_the_round(root, runs):
     assert runs[-1][0].params["lr_find.fallback_used"] is True
 
 
-def test_lr_find_command_writes_the_plot_and_prints_the_suggestion(root, capsys):
+def tiny_jpeg(member: str) -> bytes:
+    """A real JPEG for a zip member: noise seeded by the path, brighter for positives ('pos')."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    rng = np.random.default_rng(zlib.crc32(member.encode()))
+    pixels = rng.integers(0, 120, (40, 32)) + (100 if "pos" in member else 0)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_lr_find_command_writes_the_plot_and_prints_the_suggestion(tmp_path):
+    """The README's `chexops lr-find 2`, run as the console script in a tiny repository built
+    here: params.yaml (resnet18 at 32 px), the resample stage's outputs over a zip of real JPEGs,
+    and round 1's weights, which round 2 starts from."""
+    import zipfile
+
+    import pandas as pd
+    import yaml
+
+    from chexops.config import to_dict
+    from tests.pipeline_repo import VENV_BIN, pipeline_env
+    from tests.processes import run_group
+    from tests.test_train_round_stage import frame
+    from tests.tiny_model import tiny_weights
+
+    repo = tmp_path / "repo"
     p = params(train={"image_size": 32, "batch_size": 4,
                       "lr_find": {"start": 1e-5, "end": 10.0, "num": 30}})
-    lr_find.run(argparse.Namespace(k=1, out=None), p, root)
-    png = root / "plots/lr-find/round-1.png"
+    (repo / paths.RESAMPLED_DIR).mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
+    train, valid = frame(16, False), frame(8, True, start=100)
+    train.to_parquet(repo / paths.RESAMPLED_TRAIN)
+    valid.to_parquet(repo / paths.RESAMPLED_VALID)
+    (repo / paths.RAW_ZIP).parent.mkdir(parents=True)
+    with zipfile.ZipFile(repo / paths.RAW_ZIP, "w") as zf:
+        for member in pd.concat([train, valid])["Path"]:
+            zf.writestr(member, tiny_jpeg(member))
+    round1 = repo / paths.round_weights(1)
+    round1.parent.mkdir(parents=True)
+    assert tiny_weights(round1.parent, p) == round1
+    before = round1.read_bytes()
+
+    proc = run_group([str(VENV_BIN / "chexops"), "lr-find", "2"], cwd=repo, env=pipeline_env(),
+                     timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    png = repo / "plots/lr-find/round-2.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = json.loads(png.with_suffix(".json").read_text())
-    assert f"suggested lr {curve['suggestion']:.3e} (valley rule)" in capsys.readouterr().out
-    assert not (root / paths.round_weights(1)).exists()          # nothing trained
+    assert curve["suggestion"] is not None and len(curve["lrs"]) >= 3
+    assert f"round 2: suggested lr {curve['suggestion']:.3e} (valley rule)" in proc.stdout
+    assert round1.read_bytes() == before                        # the starting weights, untouched
+    assert not (repo / paths.round_weights(2)).exists()         # nothing trained

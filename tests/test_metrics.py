@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chexops.metrics import binary_metrics, multi_target_metrics, pr_points, roc_points
+from chexops.evaluation.metrics import binary_metrics, multi_target_metrics, pr_points, roc_points
 
 
 def test_binary_metrics_known_values():

@@ -10,7 +10,7 @@ from torch import nn
 
 from chexops.config import ModelConfig
 from chexops.errors import ChexopsError
-from chexops.model import (build_model, freeze_body, layer_groups, load_weights, save_weights)
+from chexops.model.network import (build_model, freeze_body, layer_groups, load_weights, save_weights)
 
 torch.set_num_threads(1)
 
@@ -126,7 +126,7 @@ def test_pretrained_path_errors(tmp_path):
 
 
 def test_pretrained_true_offline_fails_fast_with_fix(monkeypatch, tmp_path):
-    import chexops.model as model_mod
+    import chexops.model.network as model_mod
 
     monkeypatch.setattr(model_mod, "_hub_reachable", lambda: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -166,7 +166,7 @@ def test_relative_pretrained_path_is_resolved_against_the_root_not_the_cwd(tmp_p
     import timm
     from safetensors.torch import save_file
 
-    from chexops.model import pretrained_path
+    from chexops.model.network import pretrained_path
 
     torch.manual_seed(5)
     source = timm.create_model("resnet18", pretrained=False)
@@ -190,7 +190,7 @@ def test_pretrained_true_restores_the_hub_environment(monkeypatch, succeeds):
     import huggingface_hub.constants as hub_constants
     import timm
 
-    import chexops.model as model_mod
+    import chexops.model.network as model_mod
 
     for key in ("HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
@@ -220,7 +220,7 @@ def test_pretrained_true_restores_the_hub_environment(monkeypatch, succeeds):
 
 
 def test_concat_pool_equals_the_adaptive_pools():
-    from chexops.model import AdaptiveConcatPool2d
+    from chexops.model.network import AdaptiveConcatPool2d
 
     x = torch.randn(3, 5, 4, 6)
     want = torch.cat([torch.nn.AdaptiveMaxPool2d(1)(x), torch.nn.AdaptiveAvgPool2d(1)(x)], dim=1)
@@ -230,7 +230,7 @@ def test_concat_pool_equals_the_adaptive_pools():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_head_backward_runs_under_deterministic_algorithms_on_cuda(monkeypatch):
-    from chexops.model import AdaptiveConcatPool2d
+    from chexops.model.network import AdaptiveConcatPool2d
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     was = torch.are_deterministic_algorithms_enabled()

@@ -19,11 +19,27 @@ ROUND_METRICS = {"train_loss", "valid_loss", "auroc", "precision", "recall", "er
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A reduced copy of the repo after `make repro` (the README's pipeline command)."""
-    dest = make_repo_copy(tmp_path_factory.mktemp("pipeline"), reduced_params())
+    """A reduced copy of the repo after `make repro` (the README's pipeline command).
+
+    The tests share it and some add trials (`dvc exp run`) and change its workspace, in any
+    order; what `make repro` itself made (its trial, its dvc.lock) is recorded beside it
+    (see `made_by_make_repro`) so that a test can check that and not the repo's state now."""
+    base = tmp_path_factory.mktemp("pipeline")
+    (base / "repo").mkdir()
+    dest = make_repo_copy(base / "repo", reduced_params())
     # -o setup: use this test run's venv instead of installing a new one
     run(["make", "-o", "setup", "repro", f"VENV={VENV_BIN.parent}"], dest, pipeline_env())
+    trials = trial_runs(all_runs(dest))
+    assert len(trials) == 1  # a fresh repo: the one trial is make repro's
+    (base / "make-repro.json").write_text(json.dumps({
+        "trial": trials[0].info.run_id, "dvc.lock": (dest / "dvc.lock").read_text()}))
     return dest
+
+
+def made_by_make_repro(repo: Path) -> dict:
+    """{"trial": run id, "lock": dvc.lock as a dict}: what the `repo` fixture's make repro left."""
+    made = json.loads((repo.parent / "make-repro.json").read_text())
+    return {"trial": made["trial"], "lock": yaml.safe_load(made["dvc.lock"])}
 
 
 def client(repo: Path):
@@ -49,9 +65,14 @@ def children(runs: list, trial) -> dict:
     return {r.data.tags["chexops.stage"]: r for r in kids}
 
 
-def lock_out_md5s(repo: Path) -> dict[str, str]:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+def lock_out_md5s(lock: dict) -> dict[str, str]:
     return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+
+
+def new_trials(before: list, runs: list) -> list:
+    """The trials in `runs` that were not among the trials `before`."""
+    old = {t.info.run_id for t in before}
+    return [t for t in trial_runs(runs) if t.info.run_id not in old]
 
 
 def test_all_nine_stages_ran_and_are_locked(repo):
@@ -79,9 +100,7 @@ def test_noop_repro_has_nothing_to_do(repo):
 
 def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
     runs = all_runs(repo)
-    trials = trial_runs(runs)
-    assert len(trials) == 1
-    trial = trials[0]
+    trial, = (r for r in runs if r.info.run_id == made_by_make_repro(repo)["trial"])
     kids = children(runs, trial)
     assert set(kids) == set(STAGES)
     assert "evaluate.Cardiomegaly.auroc" in trial.data.metrics or any(
@@ -104,17 +123,18 @@ def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
     assert any("confusion" in a for a in _artifact_paths(c, evaluate.info.run_id))
 
 
-def lock_data_deps(repo: Path) -> dict[str, dict[str, str]]:
+def lock_data_deps(lock: dict) -> dict[str, dict[str, str]]:
     """{stage: {dep path: md5}} for every non-code dep, as DVC recorded it in dvc.lock."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {name: {d["path"]: d["md5"] for d in s.get("deps", []) if not d["path"].startswith("src/")}
             for name, s in lock["stages"].items()}
 
 
 def test_data_hash_tags_equal_dvc_lock(repo):
-    deps = lock_data_deps(repo)
+    # make repro's trial against the dvc.lock make repro wrote (an `exp run` may have changed it)
+    made = made_by_make_repro(repo)
+    deps = lock_data_deps(made["lock"])
     runs = all_runs(repo)
-    trial = trial_runs(runs)[0]
+    trial, = (r for r in runs if r.info.run_id == made["trial"])
     kids = children(runs, trial)
     checked = 0
     for stage, kid in kids.items():
@@ -124,7 +144,7 @@ def test_data_hash_tags_equal_dvc_lock(repo):
         digests = {d.dataset.name: d.dataset.digest for d in kid.inputs.dataset_inputs}
         assert digests == deps[stage], stage  # mlflow.log_input, digest = DVC's md5
     assert checked >= 20  # zip, labels, resampled data and the previous round's weights
-    outs = lock_out_md5s(repo)
+    outs = lock_out_md5s(made["lock"])
     for tag, value in trial.data.tags.items():  # the trial names the data outs it was made from
         if tag.startswith("data.md5."):
             assert value == outs[tag[len("data.md5."):]], tag
@@ -143,11 +163,12 @@ def test_rerun_of_a_round_is_bit_identical(repo):
 
 def test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial(repo):
     env = pipeline_env()
+    before = trial_runs(all_runs(repo))
     run(["dvc", "exp", "run", "-n", "lr-small", "-S", "lr=0.0005"], repo, env)
     runs = all_runs(repo)
-    trials = trial_runs(runs)
-    assert len(trials) == 2
-    newest = trials[-1]
+    added = new_trials(before, runs)
+    assert len(added) == 1  # this experiment landed as exactly one new trial
+    newest, = added
     assert newest.data.tags.get("dvc.exp_name") == "lr-small"
     kids = children(runs, newest)
     assert float(kids["train-round-1"].data.params["lr"]) == pytest.approx(5e-4)
@@ -161,10 +182,13 @@ def test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial(repo):
 def test_exp_run_of_evaluate_only_links_all_cached_stages(repo):
     """An evaluate-only variant re-runs one stage; the trial still shows all nine by link."""
     env = pipeline_env()
+    before = trial_runs(all_runs(repo))
     run(["dvc", "exp", "run", "-n", "thr-low", "-S", "evaluate.threshold=0.4"], repo, env)
     runs = all_runs(repo)
     by_id = {r.info.run_id: r for r in runs}
-    newest = trial_runs(runs)[-1]
+    added = new_trials(before, runs)
+    assert len(added) == 1
+    newest, = added
     assert newest.data.tags.get("dvc.exp_name") == "thr-low"
     assert set(children(runs, newest)) == {"evaluate"}
     for stage in STAGES[:-1]:

@@ -14,7 +14,11 @@ import torch
 import yaml
 from PIL import Image
 
-from chexops import cli, predict
+from chexops import cli
+
+from chexops.commands import predict
+from chexops.data import decode
+from chexops.inference import predictor as inference_predictor
 from chexops.config import to_dict
 from chexops.errors import ChexopsError
 from tests.tiny_model import SIZE, png_bytes, radiograph, tiny_params, tiny_weights
@@ -38,21 +42,21 @@ def images(tmp_path):
 
 
 def test_decode_squishes_to_the_model_size_and_flags_bad_images(images):
-    assert predict.decode_image(images["png"], SIZE).shape == (SIZE, SIZE)
-    assert predict.decode_image(images["jpg"].read_bytes(), SIZE).dtype == np.uint8
+    assert decode.decode_image(images["png"], SIZE).shape == (SIZE, SIZE)
+    assert decode.decode_image(images["jpg"].read_bytes(), SIZE).dtype == np.uint8
     with pytest.raises(ChexopsError, match="not a readable image"):
-        predict.decode_image(images["text"], SIZE)
+        decode.decode_image(images["text"], SIZE)
     with pytest.raises(ChexopsError, match="4 channels"):
-        predict.decode_image(images["rgba"], SIZE)
+        decode.decode_image(images["rgba"], SIZE)
     with pytest.raises(ChexopsError, match="file not found"):
-        predict.decode_image(images["missing"], SIZE)
+        decode.decode_image(images["missing"], SIZE)
 
 
 def test_sixteen_bit_images_are_scaled_by_their_range(tmp_path):
     arr = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
     path = tmp_path / "deep.png"
     Image.fromarray(arr).save(path)
-    out = predict.decode_image(path, SIZE)
+    out = decode.decode_image(path, SIZE)
     assert out.min() <= 5 and out.max() >= 250  # full 8-bit range, not the top 8 bits
 
 
@@ -70,17 +74,17 @@ def test_huge_images_are_downscaled_by_the_decoder_or_refused(tmp_path, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)  # 7.2 Mpx: over 1x, under 2x
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning escapes
-        out = predict.decode_image(big, SIZE)
+        out = decode.decode_image(big, SIZE)
     assert out.shape == (SIZE, SIZE) and int(out.mean()) in range(120, 137)
     assert seen["decoded"][0] <= 3000 // 8 + 1  # JPEG draft decoded at 1/8 scale
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # over 2x: PIL's guard refuses
     with pytest.raises(ChexopsError, match="too large"):
-        predict.decode_image(big, SIZE)
+        decode.decode_image(big, SIZE)
 
 
 def test_a_batch_with_bad_images_still_predicts_the_good_ones(tmp_path, images):
     params = tiny_params(tmp_path)
-    predictor = predict.predictor_from_weights(tiny_weights(tmp_path, params), params)
+    predictor = inference_predictor.predictor_from_weights(tiny_weights(tmp_path, params), params)
     order = [images["png"], images["text"], images["jpg"], images["rgba"]]
     frame = predictor.predict(order)
     assert list(frame.columns) == ["image", "Cardiomegaly", "error"]
@@ -152,32 +156,32 @@ def test_decode_gives_the_training_cache_pixels(tmp_path):
         cache = load_image_array(zip_path, list(files), size)
         with ZipImages(zip_path) as zi:
             for k, (member, data) in enumerate(files.items()):
-                ours = predict.decode_image(data, size)
+                ours = decode.decode_image(data, size)
                 np.testing.assert_array_equal(ours, zi.read(member, size), err_msg=member)
                 np.testing.assert_array_equal(ours, cache[k], err_msg=member)
                 path = tmp_path / Path(member).name
                 path.write_bytes(data)
-                np.testing.assert_array_equal(predict.decode_image(path, size), ours)
+                np.testing.assert_array_equal(decode.decode_image(path, size), ours)
     # the check has teeth: the bilinear resize predict used before gives other pixels
     with Image.open(io.BytesIO(files["CheXpert-v1.0-small/valid/p1/s1/grey.png"])) as img:
         bilinear = np.asarray(img.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
-    assert not np.array_equal(bilinear, predict.decode_image(
+    assert not np.array_equal(bilinear, decode.decode_image(
         files["CheXpert-v1.0-small/valid/p1/s1/grey.png"], SIZE))
 
 
 # ---------------------------------------------------------------- U-MultiClass weights
 
 def test_multiclass_weights_give_sigmoid_of_pos_minus_neg(tmp_path):
-    from chexops.batches import to_input
+    from chexops.data.batches import to_input
     from tests.tiny_model import tiny_multiclass_weights
 
     params = tiny_params(tmp_path)
-    predictor = predict.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
+    predictor = inference_predictor.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
     assert predictor.coding.kinds == ("multiclass",) and predictor.coding.n_outputs == 3
     sources = [png_bytes(radiograph(s)) for s in range(4)]
     frame = predictor.predict(sources)
     assert list(frame.columns) == ["image", "Cardiomegaly", "error"]
-    decoded = np.stack([predict.decode_image(s, SIZE) for s in sources])
+    decoded = np.stack([decode.decode_image(s, SIZE) for s in sources])
     with torch.inference_mode():
         z = predictor.model(to_input(torch.from_numpy(decoded), torch.device("cpu"))).double().numpy()
     assert z.shape == (4, 3)
@@ -189,26 +193,26 @@ def test_multiclass_weights_give_sigmoid_of_pos_minus_neg(tmp_path):
 
 
 def test_weights_without_coding_are_binary_and_a_wrong_coding_is_refused(tmp_path):
-    from chexops.model import build_model, save_weights
+    from chexops.model.network import build_model, save_weights
 
     params = tiny_params(tmp_path)
-    assert predict.predictor_from_weights(tiny_weights(tmp_path, params), params).coding.kinds \
+    assert inference_predictor.predictor_from_weights(tiny_weights(tmp_path, params), params).coding.kinds \
         == ("binary",)
     bad = tmp_path / "two.safetensors"
     save_weights(build_model(params.model, 4), bad, {"targets": "Cardiomegaly",
                                                      "coding": "binary,multiclass"})
     with pytest.raises(ChexopsError, match="covers 2 targets, not the 1"):
-        predict.predictor_from_weights(bad, params)
+        inference_predictor.predictor_from_weights(bad, params)
 
 
 def test_multiclass_heatmaps_use_the_weights_coding(tmp_path, monkeypatch):
     """write_heatmaps scores the target under the weights' coding (what that score is, z_pos -
     z_neg, is tested in test_gradcam on a model whose Grad-CAM is not degenerate)."""
-    from chexops import gradcam
+    from chexops.inference import gradcam
     from tests.tiny_model import tiny_multiclass_weights
 
     params = tiny_params(tmp_path)
-    predictor = predict.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
+    predictor = inference_predictor.predictor_from_weights(tiny_multiclass_weights(tmp_path, params), params)
     seen = []
     real = gradcam.gradcam
 
@@ -223,7 +227,7 @@ def test_multiclass_heatmaps_use_the_weights_coding(tmp_path, monkeypatch):
     written = predict.write_heatmaps(predictor, [source], frame, tmp_path / "heat")
     assert [p.name for p in written] == ["0000-x-cardiomegaly.png"]
     assert seen == [(0, predictor.coding)] and predictor.coding.kinds == ("multiclass",)
-    image = predict.decode_image(source, SIZE)
+    image = decode.decode_image(source, SIZE)
     cam = real(predictor.model, image[None], 0, coding=predictor.coding)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gradcam.overlay(image, cam))
 

@@ -3,6 +3,7 @@ fail with "database is locked"; `dvc exp run --queue` x2 + `dvc queue start -j 2
 trials at once, both land in the main repo's store (not in DVC's temp workspaces)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,29 +14,43 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.processes import group, run_group
 
+QUEUED = ["q-fast", "q-slow"]
 STAGES = {"download", "clean", "resample", "evaluate"} | {f"train-round-{k}" for k in range(1, 6)}
 
-# one writer: N stage runs with per-step metrics and an artifact, then its trial run
+# one writer: N stage runs with per-step metrics and an artifact, then its trial run; both
+# writers meet at a barrier (tests/processes.py) once mlflow is imported, so they open the new
+# store and write together; the last line printed: {"trial": id, "runs": [its run ids]}
 WRITER = textwrap.dedent("""
-    import sys, time
+    import json, sys
     from pathlib import Path
-    from chexops import tracking
+    import mlflow  # noqa: F401  (imported before the barrier: the slow part of starting)
+    from chexops.tracking import runs as tracking
     from chexops.config import params_from_dict
     from tests.pipeline_repo import reduced_params
+    from tests.processes import file_barrier
 
-    root, n, start_at = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    root, n, barrier = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     params = params_from_dict(reduced_params())
-    time.sleep(max(0.0, start_at - time.time()))  # both writers open the new store together
-    last = None
+    file_barrier(barrier, root.name, 2)
+    last, ids = None, []
     for i in range(n):
         with tracking.stage_run(params, root, "download") as run:
             for step in range(5):
                 run.log_metrics({"loss": 1.0 / (step + 1), "auroc": 0.5 + step / 10}, step=step)
             run.log_dict({"i": i}, "note.json")
             last = run.run_id
-    print(tracking.close_trial(params, root, last, {"evaluate": {"auroc": 0.75}}))
+            ids.append(run.run_id)
+    trial = tracking.close_trial(params, root, last, {"evaluate": {"auroc": 0.75}})
+    print(json.dumps({"trial": trial, "runs": ids + [trial]}))
 """)
+
+
+def overlap(spans: dict[str, tuple[int, int]]) -> bool:
+    """True when the two (start, end) spans share some time."""
+    (a0, a1), (b0, b1) = spans.values()
+    return a0 < b1 and b0 < a1
 
 
 @pytest.mark.slow  # two interpreters importing mlflow: ~12 s
@@ -45,33 +60,42 @@ def test_two_writers_share_the_embedded_sqlite_store_without_losing_runs(tmp_pat
     store = tmp_path / "shared.db"
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     repo_root = Path(__file__).resolve().parents[1]
-    n, start_at = 4, time.time() + 6  # time for both interpreters to import mlflow
-    procs = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / name), str(n),
-                                       str(start_at)], cwd=repo_root, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = [p.communicate(timeout=300) for p in procs]
+    n = 4
+    with contextlib.ExitStack() as stack:  # a failure or a hang stops both writers' groups
+        procs = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            procs.append(stack.enter_context(group(
+                [sys.executable, "-c", WRITER, str(tmp_path / name), str(n),
+                 str(tmp_path / "barrier")], cwd=repo_root, env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert "database is locked" not in err
+    written = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     exp = client.get_experiment_by_name("chexops")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     assert len(runs) == 2 * (n + 1)
     assert all(r.info.status == "FINISHED" for r in runs)
     trials = [r for r in runs if r.data.tags.get("chexops.trial") == "true"]
-    assert sorted(r.info.run_id for r in trials) == sorted(o.strip().splitlines()[-1] for o, _ in outs)
+    assert sorted(r.info.run_id for r in trials) == sorted(w["trial"] for w in written)
+    by_id = {r.info.run_id: r for r in runs}
+    assert sorted(by_id) == sorted(i for w in written for i in w["runs"])  # none lost or mixed
     for r in runs:
         if r.data.tags.get("chexops.trial") != "true":
             assert len(client.get_metric_history(r.info.run_id, "loss")) == 5
+    # the two writers really wrote at the same time: their runs' time spans overlap
+    spans = {name: (min(by_id[i].info.start_time for i in w["runs"]),
+                    max(by_id[i].info.end_time for i in w["runs"]))
+             for name, w in zip("ab", written)}
+    assert overlap(spans), spans
 
 
 def queue_done(repo: Path, env: dict) -> bool:
     """True when no queued experiment is waiting or running any more."""
-    status = subprocess.run([str(VENV_BIN / "dvc"), "queue", "status"], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=120).stdout
+    status = run_group([str(VENV_BIN / "dvc"), "queue", "status"], repo, env, timeout=120).stdout
     return not any(word in status for word in ("Queued", "Running"))
 
 
@@ -84,11 +108,17 @@ def test_queued_experiments_run_two_at_once_into_the_main_store(tmp_path):
     env = pipeline_env()
     run(["dvc", "exp", "run", "--queue", "-n", "q-fast", "-S", "lr=0.002"], repo, env)
     run(["dvc", "exp", "run", "--queue", "-n", "q-slow", "-S", "lr=0.0005"], repo, env)
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
-    deadline = time.monotonic() + 900  # a hang fails here instead of at pytest's timeout
-    while not queue_done(repo, env):
-        assert time.monotonic() < deadline, run(["dvc", "queue", "status"], repo, env).stdout
-        time.sleep(10)
+    finished = False
+    try:
+        run(["dvc", "queue", "start", "-j", "2"], repo, env)
+        deadline = time.monotonic() + 900  # a hang fails here instead of at pytest's timeout
+        while not queue_done(repo, env):
+            assert time.monotonic() < deadline, run(["dvc", "queue", "status"], repo, env).stdout
+            time.sleep(10)
+        finished = True
+    finally:
+        if not finished:  # the workers are DVC daemons in their own session: stop them here
+            stop_queue(repo, env, QUEUED)
     status = run(["dvc", "queue", "status"], repo, env).stdout
     assert status.count("Success") == 2, status + _queue_logs(repo, env)
 
@@ -108,19 +138,30 @@ def test_queued_experiments_run_two_at_once_into_the_main_store(tmp_path):
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
         assert {k.data.tags["chexops.stage"] for k in kids} == STAGES
         assert all(k.info.status == "FINISHED" for k in kids)
-    # the two trials' rounds overlapped in time (they really ran at once)
+    # the two experiments ran at once: from each one's first stage run to its trial's end, the
+    # MLflow time spans overlap (run one after the other, they could not). Their start cannot
+    # be synchronised from here: the stages are the pipeline's own commands, started by DVC's
+    # queue workers, and a barrier would have to go into the pipeline under test. So `-j 2` is
+    # what makes them concurrent, and this overlap is the check that it did.
     spans = {name: (min(k.info.start_time for k in runs
                         if k.data.tags.get("mlflow.parentRunId") == t.info.run_id),
                     t.info.end_time) for name, t in trials.items()}
-    (a0, a1), (b0, b1) = spans.values()
-    assert a0 < b1 and b0 < a1, spans
+    assert overlap(spans), spans
     assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))
+
+
+def stop_queue(repo: Path, env: dict, names: list[str]) -> None:
+    """After a failure: interrupt the queued experiments' running tasks and stop the workers,
+    killing what still runs (best effort: each command's own failure is ignored)."""
+    dvc = str(VENV_BIN / "dvc")
+    for cmd in ([dvc, "queue", "kill", "--force", *names], [dvc, "queue", "stop", "--kill"]):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run_group(cmd, repo, env, timeout=120)
 
 
 def _queue_logs(repo: Path, env: dict) -> str:
     out = []
-    for name in ("q-fast", "q-slow"):
-        proc = subprocess.run([str(VENV_BIN / "dvc"), "queue", "logs", name], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=120)
+    for name in QUEUED:
+        proc = run_group([str(VENV_BIN / "dvc"), "queue", "logs", name], repo, env, timeout=120)
         out.append(proc.stdout[-3000:] + proc.stderr[-1000:])
     return "\n".join(out)

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from pathlib import Path
+
+from tests.processes import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 
 # README command (its first words) -> the test that runs it
 COVERED = {
     "make repro": "tests.test_pipeline_e2e:repo",
-    "make test": ".ci/run",  # CI runs exactly this on a fresh clone
+    "make test": ".ci/run",  # CI runs exactly this on a fresh clone: test_ci_runs_make_test
     "make ui": "tests.test_ui:test_make_ui_serves_mlflow_on_loopback",
     "source .venv/bin/activate": "tests.test_pipeline_e2e:repo",  # pipeline_env puts .venv/bin first
     "dvc repro": "tests.test_pipeline_e2e:test_noop_repro_has_nothing_to_do",
@@ -58,7 +61,34 @@ def test_every_readme_command_has_a_test():
 def test_the_named_tests_exist():
     for test in set(COVERED.values()):
         if test == ".ci/run":
-            assert "make test" in (REPO / ".ci/run").read_text()
-            continue
+            continue  # test_ci_runs_make_test_and_make_test_runs_the_whole_suite
         module, name = test.split(":")
         assert hasattr(importlib.import_module(module), name), test
+
+
+def test_chexops_commands_are_run_through_the_cli_by_their_tests():
+    """The test named for `chexops SUB ...` runs that subcommand (console script or
+    chexops.cli.main), not only the function behind it."""
+    for command in readme_commands():
+        words = command.split()
+        if words[0] != "chexops":
+            continue
+        module, name = covering_test(command).split(":")
+        source = inspect.getsource(getattr(importlib.import_module(module), name))
+        assert f'"{words[1]}"' in source, f"{module}:{name} does not run `chexops {words[1]}`"
+
+
+def test_ci_runs_make_test_and_make_test_runs_the_whole_suite():
+    script = REPO / ".ci/run"
+    assert run_group(["bash", "-n", str(script)], timeout=60).returncode == 0  # it parses
+    commands = [line.strip() for line in script.read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    assert "set -euo pipefail" in commands  # a failing command fails CI
+    assert "make test" in commands          # a command of its own, not words in a comment
+    # what `make test` runs (-n: print the recipe, run nothing): pytest on the whole suite
+    dry = run_group(["make", "-n", "test"], cwd=REPO, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    pytest_lines = [ln for ln in dry.stdout.splitlines() if re.search(r"-m pytest\b", ln)]
+    assert len(pytest_lines) == 1, dry.stdout
+    assert " -m " not in pytest_lines[0].split("-m pytest", 1)[1], pytest_lines  # no marker filter
+    assert " -k " not in pytest_lines[0], pytest_lines

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from chexops import cli, predict, registry, tracking
+from chexops import cli
+
+from chexops.commands import predict
+
+from chexops.tracking import registry
+
+from chexops.tracking import runs as tracking
 from chexops.errors import ChexopsError
 from tests.tiny_model import png_bytes, radiograph, tiny_params, tiny_weights
 
@@ -153,7 +159,7 @@ def test_logged_model_carries_its_code_and_loads_without_chexops_installed(tmp_p
     info = registry.log_model(params, tmp_path, run_id, weights)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri,
                                                      dst_path=str(tmp_path / "dl")))
-    assert (local / "code/chexops/registry.py").is_file()
+    assert (local / "code/chexops/tracking/registry.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     requirements = (local / "requirements.txt").read_text().lower()
     assert all(f"{p.lower()}==" in requirements for p in ("torch", "timm", "pyyaml", "safetensors"))

@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from chexops import remote
+from chexops.redact import redact_text
+from chexops.tracking import remote
 from chexops.errors import ChexopsError
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
 from tests.servers import free_port, server
+from tests.processes import run_group
 
 DATA_STAGES = ["download", "clean", "resample"]
 
 
 def dvc(args: list[str], cwd: Path, env: dict | None = None, check: bool = True):
     env = env or pipeline_env()
-    return run([str(VENV_BIN / "dvc"), *args], cwd, env) if check else subprocess.run(
-        [str(VENV_BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return run([str(VENV_BIN / "dvc"), *args], cwd, env) if check else run_group(
+        [str(VENV_BIN / "dvc"), *args], cwd=cwd, env=env)
 
 
 def git_dvc_repo(path: Path) -> Path:
@@ -96,7 +97,7 @@ def test_dvc_errors_have_a_kind_and_never_echo_credentials():
     assert err.kind == "other"
     assert err.problem == ("dvc failed with the DVC remote team (ERROR: unexpected error - "
                            "https://***@host/x?a=1 secret_access_key=*** key ***)")
-    assert remote.redact("password: hunter2, token=t0k") == "password: ***, token=***"
+    assert redact_text("password: hunter2, token=t0k") == "password: ***, token=***"
 
 
 def remote_config(root: Path) -> dict[str, str]:

@@ -14,9 +14,11 @@ import pytest
 import torch
 import yaml
 
-from chexops import repro
+from chexops import runtime
+from chexops.tracking import provenance as repro
 from chexops.config import RuntimeConfig
 from chexops.errors import ChexopsError
+from tests.processes import run_group
 
 DIR_MD5 = "0123456789abcdef0123456789abcdef.dir"
 ZIP_BYTES = b"zip bytes"
@@ -27,20 +29,20 @@ def draw() -> tuple[float, float, float]:
 
 
 def test_seed_everything_repeats_python_numpy_and_torch():
-    repro.seed_everything(7)
+    runtime.seed_everything(7)
     first = draw()
-    repro.seed_everything(7)
+    runtime.seed_everything(7)
     assert draw() == first
-    repro.seed_everything(8)
+    runtime.seed_everything(8)
     assert draw() != first
 
 
 def test_seed_worker_derives_numpy_seed_from_torch():
     torch.manual_seed(123)
-    repro.seed_worker(0)
+    runtime.seed_worker(0)
     a = np.random.rand()
     torch.manual_seed(123)
-    repro.seed_worker(0)
+    runtime.seed_worker(0)
     assert np.random.rand() == a
 
 
@@ -48,7 +50,7 @@ def test_configure_torch_threads_and_determinism(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        repro.configure_torch(RuntimeConfig(threads=1, deterministic=True))
+        runtime.configure_torch(RuntimeConfig(threads=1, deterministic=True))
         assert torch.get_num_threads() == 1
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
@@ -59,13 +61,13 @@ def test_configure_torch_threads_and_determinism(monkeypatch):
 
 def test_resolve_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert repro.resolve_device(RuntimeConfig(device="auto")).type == expected
-    assert repro.resolve_device(RuntimeConfig(device="cpu")) == torch.device("cpu")
+    assert runtime.resolve_device(RuntimeConfig(device="auto")).type == expected
+    assert runtime.resolve_device(RuntimeConfig(device="cpu")) == torch.device("cpu")
     with pytest.raises(ChexopsError, match="runtime.device: 'gpu0' is not a device"):
-        repro.resolve_device(RuntimeConfig(device="gpu0"))
+        runtime.resolve_device(RuntimeConfig(device="gpu0"))
     if not torch.cuda.is_available():
         with pytest.raises(ChexopsError, match="no CUDA device is available; set runtime.device"):
-            repro.resolve_device(RuntimeConfig(device="cuda"))
+            runtime.resolve_device(RuntimeConfig(device="cuda"))
 
 
 def test_file_md5_is_plain_md5_in_chunks(tmp_path):
@@ -78,7 +80,7 @@ def write_repo(root: Path, manifest: list | None) -> None:
     stages = {
         "download": {"cmd": "x", "outs": ["data/raw"]},
         "resample": {"cmd": "x", "outs": ["data/resampled"]},
-        "train": {"cmd": "x", "deps": ["src/chexops/train.py", "data/raw/chexpert.zip",
+        "train": {"cmd": "x", "deps": ["src/chexops/training/loop.py", "data/raw/chexpert.zip",
                                        {"data/resampled": {"cache": True}}, "notes.txt",
                                        "missing.bin"], "outs": ["models/round-1"]},
     }
@@ -132,14 +134,15 @@ def test_dvc_input_md5s_equals_what_real_dvc_records(tmp_path):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     dvc = [str(Path(sys.executable).parent / "dvc")]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(dvc + ["init", "-q"], cwd=tmp_path, check=True, env=env)
+    assert run_group(dvc + ["init", "-q"], cwd=tmp_path, env=env, timeout=120).returncode == 0
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "make": {"cmd": "mkdir -p data/raw && printf zipbytes > data/raw/chexpert.zip "
                         "&& printf x > data/raw/other", "outs": ["data/raw"]},
         "use": {"cmd": "cat data/raw/chexpert.zip > out.txt",
                 "deps": ["data/raw/chexpert.zip", "data/raw"], "outs": ["out.txt"]},
     }}))
-    subprocess.run(dvc + ["repro", "-q"], cwd=tmp_path, check=True, env=env, timeout=120)
+    done = run_group(dvc + ["repro", "-q"], cwd=tmp_path, env=env, timeout=120)  # + its stages
+    assert done.returncode == 0, done.stderr[-3000:]
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
     recorded = {d["path"]: d["md5"] for d in lock["stages"]["use"]["deps"]}
     assert repro.dvc_input_md5s(tmp_path, "use") == recorded

@@ -13,9 +13,12 @@ import pytest
 import torch
 import yaml
 
-from chexops import remote, reproduce
+from chexops.tracking import remote
+
+from chexops.commands import reproduce
 from chexops.errors import ChexopsError
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.processes import run_group
 
 
 # ---------------------------------------------------------------- a small MLflow store
@@ -47,7 +50,7 @@ def store(tmp_path_factory):
     # a trial made from a dirty tree: code changes that no commit holds
     dirty = client.create_run(exp, run_name="dirty").info.run_id
     for key, value in {"chexops.trial": "true", "git.commit": "abc", "git.dirty": "True",
-                       "git.changed": "params.yaml, src/chexops/train.py, notes.md",
+                       "git.changed": "params.yaml, src/chexops/training/loop.py, notes.md",
                        "data.md5.data/raw": "d" * 32 + ".dir"}.items():
         client.set_tag(dirty, key, value)
     return {"client": client, "trial": trial, "evaluate": evaluate, "round1": round1,
@@ -94,8 +97,8 @@ def test_dirty_tree_warning_names_what_cannot_be_restored():
     assert reproduce.code_warning(trial_with({"git.dirty": "True",
                                               "git.changed": "params.yaml"})) is None
     msg = reproduce.code_warning(trial_with({"git.dirty": "True",
-                                             "git.changed": "params.yaml, src/chexops/train.py"}))
-    assert "dirty git tree" in msg and "src/chexops/train.py" in msg
+                                             "git.changed": "params.yaml, src/chexops/training/loop.py"}))
+    assert "dirty git tree" in msg and "src/chexops/training/loop.py" in msg
     assert "params.yaml" not in msg.split("changes to")[1].split(" were")[0]
     assert "unknown files" in reproduce.code_warning(trial_with({"git.dirty": "True"}))
 
@@ -218,8 +221,8 @@ def test_dvc_errors_become_one_line_with_a_fix(output, expected):
 # ---------------------------------------------------------------- the command, refusing early
 
 def chexops(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "chexops"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """The console script in its own process group (stopped as a group on timeout/failure)."""
+    return run_group([str(VENV_BIN / "chexops"), *args], cwd=cwd, env=env, timeout=300)
 
 
 def cli_dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -258,7 +261,7 @@ def test_cli_warns_that_a_dirty_tree_trial_is_restored_only_as_of_its_commit(sto
     lines = proc.stderr.splitlines()
     # what is missing: the changed code files, not params.yaml (restored from the run)
     assert (f"warning: trial {store['dirty']} was made from a dirty git tree; its uncommitted "
-            f"changes to src/chexops/train.py, notes.md were never recorded, so the code is "
+            f"changes to src/chexops/training/loop.py, notes.md were never recorded, so the code is "
             f"restored only as of commit abc and the result may differ") in lines, proc.stderr
     # then it goes on, and here refuses (this trial logged no params): one line, exit 2
     assert proc.returncode == 2
@@ -272,7 +275,7 @@ def test_cli_warns_that_a_dirty_tree_trial_is_restored_only_as_of_its_commit(sto
 def synthetic_zip(dest: Path) -> Path:
     """A CheXpert-v1.0-small zip from the project's own synthetic generator (reduced size)."""
     from chexops.config import params_from_dict
-    from chexops.data.synthetic import generate_zip
+    from chexops.data.synthetic.generate import generate_zip
 
     params = params_from_dict(reduced_params())
     generate_zip(params.data.synthetic, params.data.synthetic.seed, dest / "chexpert-small.zip",
@@ -354,9 +357,8 @@ def test_reproduce_refuses_when_one_image_changed_and_data_is_not_cached(trial_r
     work.mkdir()
     try:
         shutil.copyfile(tmp / "changed.zip", trial_repo["source"])
-        proc = subprocess.run([str(VENV_BIN / "chexops"), "reproduce", trial_repo["trial"],
-                               "--workdir", str(work)], cwd=clone, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = run_group([str(VENV_BIN / "chexops"), "reproduce", trial_repo["trial"],
+                          "--workdir", str(work)], cwd=clone, env=env, timeout=600)
     finally:
         trial_repo["source"].write_bytes(original)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -364,16 +366,15 @@ def test_reproduce_refuses_when_one_image_changed_and_data_is_not_cached(trial_r
     assert last.startswith("chexops reproduce: error: data/raw: the data differs from the trial's")
     assert str(trial_repo["source"]) in last
     # the cause, exactly: the project's default remote (a folder beside the clone, found from the
-    # clone and not from the temporary workspace) is configured but holds nothing
+    # clone and not from the temporary workspace) is configured but holds nothing. The clone has
+    # the project's tracked .dvc/config (`core.remote = local`), so there always is one
     name = remote.default_remote(clone)
-    if name:
-        problem = f"the data is not in the DVC remote {name}"
-        fix = "run `dvc push` where the data was made, then try again"
-        assert f"; it is not in the DVC cache and {problem} ({fix}); " in last
-        assert (f"reproduce: data/raw is not in the DVC cache and not had from the DVC remote "
-                f"({problem}; {fix}); re-deriving it with stage download") in proc.stderr
-    else:
-        assert "; it is not in the DVC cache and no DVC remote is configured; " in last
+    assert name == "local", name
+    problem = f"the data is not in the DVC remote {name}"
+    fix = "run `dvc push` where the data was made, then try again"
+    assert f"; it is not in the DVC cache and {problem} ({fix}); " in last
+    assert (f"reproduce: data/raw is not in the DVC cache and not had from the DVC remote "
+            f"({problem}; {fix}); re-deriving it with stage download") in proc.stderr
     assert list(work.iterdir()) == []  # the refused workspace is gone
     assert "verdict" not in proc.stdout  # refused before any training
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chexops.stages import resample as resample_stage
 from chexops.data import clean, resample
 from chexops.data.resample import resample_frame
 from chexops.errors import ChexopsError
@@ -101,7 +102,7 @@ def test_main_writes_train_and_untouched_valid(tmp_path, stage_runs):
     train, valid = chexpert_rows(train_patients=20)
     df = clean.apply_policies(clean.combine(train, valid, "CheXpert-v1.0-small"), make_params())
     write_labels(tmp_path, df)
-    resample.main(make_params(), tmp_path)
+    resample_stage.main(make_params(), tmp_path)
     out_valid = pd.read_parquet(tmp_path / "data/resampled/valid.parquet")
     out_train = pd.read_parquet(tmp_path / "data/resampled/train.parquet")
     assert out_valid.equals(df[df["valid"]].reset_index(drop=True))
@@ -119,13 +120,13 @@ def test_patients_crossing_splits_are_refused(tmp_path, stage_runs):
     df.loc[df["valid"], "patient"] = "patient00001"
     write_labels(tmp_path, df)
     with pytest.raises(ChexopsError, match="patients are in both train and valid"):
-        resample.main(make_params(), tmp_path)
+        resample_stage.main(make_params(), tmp_path)
     assert not (tmp_path / "data/resampled").exists()
 
 
 def test_missing_labels_names_the_fix(tmp_path):
     with pytest.raises(ChexopsError, match="run `dvc repro clean` first"):
-        resample.main(make_params(), tmp_path)
+        resample_stage.main(make_params(), tmp_path)
 
 
 @pytest.mark.parametrize("strategy, fraction, rows, positive", [("oversample", 0.3, 117_848, None),
@@ -136,7 +137,7 @@ def test_stage_on_chexpert_counts_keeps_the_234_valid_rows(tmp_path, stage_runs,
     assert int(labels["valid"].sum()) == N_VALID and int((~labels["valid"]).sum()) == N_TRAIN
     assert not set(labels.loc[labels["valid"], "patient"]) & set(labels.loc[~labels["valid"], "patient"])
     write_labels(tmp_path, labels)
-    resample.main(make_params({"resample": {"strategy": strategy, "fraction": fraction}}), tmp_path)
+    resample_stage.main(make_params({"resample": {"strategy": strategy, "fraction": fraction}}), tmp_path)
     out_train = pd.read_parquet(tmp_path / "data/resampled/train.parquet")
     out_valid = pd.read_parquet(tmp_path / "data/resampled/valid.parquet")
     assert len(out_valid) == N_VALID

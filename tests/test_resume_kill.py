@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.pipeline_repo import make_repo_copy, pipeline_env, reduced_params, run
+from tests.processes import popen_group, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +36,23 @@ def _repo(tmp_path: Path) -> Path:
 def _kill_after_first_checkpoint(repo: Path) -> None:
     """Start the round, SIGKILL dvc and the trainer (one process group) once epoch 1's checkpoint
     is on disk, i.e. during epoch 2."""
-    proc = subprocess.Popen(["dvc", "repro", STAGE], cwd=repo, env=pipeline_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.monotonic() + KILL_WAIT_S
-    while not (repo / CHECKPOINT).exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the round ended before its first checkpoint:\n"
-                        f"{proc.stderr.read().decode()[-3000:]}")
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc = popen_group(["dvc", "repro", STAGE], cwd=repo, env=pipeline_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + KILL_WAIT_S
+        while not (repo / CHECKPOINT).exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the round ended before its first checkpoint:\n"
+                            f"{proc.stderr.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the kill under test: no grace, dvc and the trainer
+        proc.wait()
+    except BaseException:  # the test failed before its kill: stop dvc and the round anyway
+        stop_group(proc)
+        raise
+    finally:
+        proc.stderr.close()
 
 
 def _outputs(repo: Path) -> tuple[dict, dict, dict]:

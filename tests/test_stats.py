@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from chexops import stats
+from chexops.evaluation import stats
 
 
 def scores(n: int = 234, seed: int = 1, rounding: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +167,7 @@ def test_study_aggregation_takes_the_max_over_views():
 def test_summary_table_lists_per_study_and_tta_results_beside_the_cis():
     from types import SimpleNamespace
 
-    from chexops import analysis
+    from chexops.evaluation import analysis
 
     rng = np.random.default_rng(0)
     y = np.array([(i // 2) % 2 for i in range(120)])  # both views of a study share its label

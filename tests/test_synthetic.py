@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from chexops.config import SyntheticConfig
-from chexops.data import phantom
+from chexops.data.synthetic import phantom
 from chexops.data.schema import CSV_COLUMNS
-from chexops.data.synthetic import build_cohort, generate_zip
+from chexops.data.synthetic.generate import build_cohort, generate_zip
 from tests.helpers import TINY_SYNTHETIC
 
 TINY = SyntheticConfig(**TINY_SYNTHETIC)

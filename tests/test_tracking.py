@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chexops import tracking
+from chexops.tracking import runs as tracking
 from chexops.config import load_params
 from chexops.errors import ChexopsError
 
@@ -101,11 +101,17 @@ def test_log_metrics_once_skips_a_step_already_logged(repo, params):
 
 
 def test_failed_stage_is_marked_failed_and_writes_no_runs_file(repo, params):
+    # the module's repo is shared: another test's download run may have written the file
+    # already; this failed run must neither write nor replace it
+    runs_file = repo / "runs/download.json"
+    before = runs_file.read_bytes() if runs_file.exists() else None
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.stage_run(params, repo, "download") as run:
             raise RuntimeError("boom")
     assert client(repo).get_run(run.run_id).info.status == "FAILED"
-    assert not (repo / "runs/download.json").exists()
+    after = runs_file.read_bytes() if runs_file.exists() else None
+    assert after == before
+    assert run.run_id.encode() not in (after or b"")
 
 
 def test_resume_continues_the_same_run(repo, params):
@@ -171,8 +177,8 @@ def test_temp_workspace_maps_to_the_main_store(tmp_path, params, monkeypatch):
 
 
 def test_redact_and_ui_command(params, tmp_path):
-    assert tracking.redact_uri("https://u:p@host/x?sig=1") == "https://***@host/x?***"
-    assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    assert tracking.redact_url("https://u:p@host/x?sig=1") == "https://host/x?***"
+    assert tracking.redact_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
     argv = tracking.ui_command(params, tmp_path / ".dvc/tmp/exps/x", port=5123)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
@@ -194,26 +200,44 @@ def test_store_uses_wal_after_creation(repo, params):
 
 
 WRITER = """
-import sys
+import json, sys
 from pathlib import Path
-from chexops import tracking
+from chexops.tracking import runs as tracking
 from chexops.config import load_params
+from tests.processes import file_barrier
 params = load_params(sys.argv[1])
+file_barrier(Path(sys.argv[3]), sys.argv[4], 2)  # both open the fresh store together
+ids = []
 for _ in range(2):
     with tracking.stage_run(params, Path(sys.argv[2]), "evaluate") as run:
         for step in range(10):
             run.log_metrics({"m": step}, step=step)
+    ids.append(run.run_id)
+print(json.dumps(ids))
 """
 
 
 def test_two_processes_share_a_fresh_store_without_locking_errors(tmp_path):
+    import contextlib
+
+    from tests.processes import group
+
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO / "params.yaml"), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    with contextlib.ExitStack() as stack:  # a failure or a hang stops both writers' groups
+        procs = [stack.enter_context(group(
+            [sys.executable, "-c", WRITER, str(REPO / "params.yaml"), str(tmp_path),
+             str(tmp_path / "barrier"), name], cwd=REPO, env=env,
+            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for name in "ab"]
+        outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
     c = client(tmp_path)
     runs = c.search_runs([c.get_experiment_by_name("chexops").experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    # the two writers wrote at the same time: their runs' time spans overlap
+    by_id = {r.info.run_id: r for r in runs}
+    written = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert sorted(by_id) == sorted(i for ids in written for i in ids)
+    (a0, a1), (b0, b1) = ((min(by_id[i].info.start_time for i in ids),
+                           max(by_id[i].info.end_time for i in ids)) for ids in written)
+    assert a0 < b1 and b0 < a1, written

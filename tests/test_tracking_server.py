@@ -3,13 +3,13 @@ to --artifacts-destination), the reduced pipeline pointed at it with MLFLOW_TRAC
 the runs read back through the REST API. An unreachable server stops a stage at its start."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import requests
 
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.processes import run_group
 from tests.servers import free_port, server
 
 STAGES = {"download", "clean", "resample", "evaluate"} | {f"train-round-{k}" for k in range(1, 6)}
@@ -80,11 +80,10 @@ def test_unreachable_server_fails_the_first_stage_at_its_start(tmp_path):
     repo = make_repo_copy(tmp_path / "repo", reduced_params({"runtime": {"threads": 1}}))
     port = free_port()  # nothing listens here
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}"}
-    proc = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_group([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env, timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert f"chexops download: error: MLflow tracking server http://***@127.0.0.1:{port} is " \
+    assert f"chexops download: error: MLflow tracking server http://127.0.0.1:{port} is " \
            f"unreachable; start it or unset MLFLOW_TRACKING_URI" in out
     assert "s3cret" not in out  # credentials in the URI are never printed
     assert "Running stage 'clean'" not in out

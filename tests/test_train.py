@@ -9,14 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chexops.train as train_mod
-from chexops.batches import ArraySet, make_loader, to_input
+import chexops.training.loop as train_mod
+from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.config import ModelConfig, TrainConfig
 from chexops.errors import ChexopsError
-from chexops.model import build_model
-from chexops.schedule import OneCycle, discriminative_lrs
-from chexops.train import (RoundPlan, Settings, accumulate_grads, auto_batch_size, masked_bce,
-                           predict_probs, train_round)
+from chexops.model.network import build_model
+from chexops.training.schedule import OneCycle, discriminative_lrs
+from chexops.inference.predictor import predict_probs
+from chexops.inference.settings import Settings
+from chexops.model.coding import masked_bce
+from chexops.training.loop import RoundPlan, accumulate_grads, auto_batch_size, train_round
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -382,28 +384,41 @@ def test_auto_batch_size_does_not_hide_errors_that_are_not_out_of_memory(monkeyp
 
 
 def test_runtime_compile_trains_through_torch_compile_and_matches_eager(tmp_path, monkeypatch):
-    """runtime.compile wraps the (DDP-wrapped) model in torch.compile. Real compilation takes
-    minutes on this CPU (benchmarks/README.md), so torch.compile is replaced by a recorder that
-    returns the module as is: the round must train through the object torch.compile returned
-    and give the eager round's weights."""
-    compiled = []
+    """runtime.compile wraps the (DDP-wrapped) model in torch.compile. Inductor's code
+    generation takes minutes on this CPU (benchmarks/README.md), so the round's torch.compile
+    call is given backend="eager": TorchDynamo really traces the model into FX graphs and the
+    round trains through them (run with the eager kernels), and the weights must be
+    bit-identical to those of the uncompiled round."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
 
-    def record(module, *args, **kwargs):
-        compiled.append(module)
-        return module
-
-    monkeypatch.setattr(torch, "compile", record)
-    train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
-                tmp_path / "eager.safetensors")
-    assert compiled == []
     from chexops.config import RuntimeConfig
 
-    train_round(new_model(), tiny_data(), tiny_data(8, 1),
-                plan(epochs=1, runtime=RuntimeConfig(compile=True)),
-                tmp_path / "compiled.safetensors")
-    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
-    a, b = weights(tmp_path / "eager.safetensors"), weights(tmp_path / "compiled.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    real_compile = torch.compile
+    compiled = []
+
+    def eager_compile(model, **kwargs):
+        assert kwargs.get("backend", "inductor") == "inductor", kwargs  # the project's default
+        out = real_compile(model, **{**kwargs, "backend": "eager"})
+        compiled.append(out)
+        return out
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
+                    tmp_path / "eager.safetensors")
+        assert compiled == [] and counters["stats"]["unique_graphs"] == 0
+        train_round(new_model(), tiny_data(), tiny_data(8, 1),
+                    plan(epochs=1, runtime=RuntimeConfig(compile=True)),
+                    tmp_path / "compiled.safetensors")
+        assert len(compiled) == 1 and isinstance(compiled[0], OptimizedModule)
+        assert counters["stats"]["unique_graphs"] > 0  # Dynamo traced it: the round ran compiled
+    finally:
+        torch._dynamo.reset()
+    assert_same(weights(tmp_path / "eager.safetensors"), weights(tmp_path / "compiled.safetensors"))
 
 
 def test_predict_probs_in_order_and_in_range():

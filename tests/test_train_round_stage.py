@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chexops.train as train_mod
-from chexops import paths, tracking
+import chexops.training.loop as train_mod
+from chexops import paths
+from chexops.tracking import runs as tracking
 from chexops.config import params_from_dict
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
+from chexops.training import rounds
 from tests.helpers import fake_stage_run
 
 torch.set_num_threads(1)
@@ -122,7 +124,7 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
 
 
 def test_predict_frame_uses_the_rounds_weights(root):
-    from chexops.inference import predict_frame
+    from chexops.inference.frames import predict_frame
 
     p = params()
     stage.main(p, root, 1)
@@ -133,7 +135,7 @@ def test_predict_frame_uses_the_rounds_weights(root):
                           root)
     np.testing.assert_allclose(again[::-1], probs, rtol=1e-5)  # row order follows the frame
     metrics = json.loads((root / paths.round_metrics(1)).read_text())
-    from chexops.metrics import binary_metrics
+    from chexops.evaluation.metrics import binary_metrics
     assert binary_metrics(valid["Cardiomegaly"], probs[:, 0])["confusion"] == metrics["confusion"]
 
 
@@ -169,10 +171,10 @@ def test_fresh_draw_uses_resample_frame_with_the_rounds_seed_and_size(root, monk
     module = types.ModuleType("chexops.data.resample")
     module.resample_frame = resample_frame
     monkeypatch.setitem(sys.modules, "chexops.data.resample", module)
-    drawn = stage.fresh_draw(params(), root, params().round(3).resample)
+    drawn = rounds.fresh_draw(params(), root, params().round(3).resample)
     assert calls == [(30, "Cardiomegaly", "oversample", 1.0, 5, False)]
     assert len(drawn) == 12
-    again = stage.fresh_draw(params(), root, params().round(3).resample)
+    again = rounds.fresh_draw(params(), root, params().round(3).resample)
     assert drawn["Path"].tolist() == again["Path"].tolist()  # seeded
 
 
@@ -186,7 +188,7 @@ def test_uncertain_labels_are_masked_under_ignore(root):
     p = params(clean={"uncertainty": {"Cardiomegaly": "ignore"}})
     df = frame(4, False)
     df.loc[1, "Cardiomegaly"] = -1
-    data = stage.array_set(p, root, df)
+    data = rounds.array_set(p, root, df)
     assert data.mask[:, 0].tolist() == [True, False, True, True]
 
 
@@ -195,7 +197,7 @@ def test_oversampled_rows_decode_each_image_once(root, monkeypatch):
     monkeypatch.setattr(sys.modules["chexops.data.images"], "load_image_array",
                         lambda z, ps, *a: seen.append(list(ps)) or fake_images(z, ps, *a))
     df = frame(4, False)
-    data = stage.array_set(params(), root, pd.concat([df, df.iloc[[1, 1]]]))
+    data = rounds.array_set(params(), root, pd.concat([df, df.iloc[[1, 1]]]))
     assert len(seen[0]) == 4 and len(data) == 6 and data.images.shape[0] == 4
 
 
@@ -240,12 +242,12 @@ def _kill_in_epoch_2(monkeypatch):
 
 def _with_dvc_yaml(root: Path) -> Path:
     """A dvc.yaml whose train-round-1 stage has a code dep under src/ (as the real one does)."""
-    code = root / "src" / "chexops" / "train.py"
+    code = root / "src" / "chexops" / "training" / "loop.py"
     code.parent.mkdir(parents=True)
     code.write_text("# the training loop, version 1\n")
     (root / "dvc.yaml").write_text(
         "stages:\n  train-round-1:\n    cmd: chexops train-round 1\n    deps:\n"
-        "      - src/chexops/train.py\n      - data/raw/chexpert.zip\n"
+        "      - src/chexops/training/loop.py\n      - data/raw/chexpert.zip\n"
         "      - data/resampled\n")
     return code
 
@@ -253,13 +255,13 @@ def _with_dvc_yaml(root: Path) -> Path:
 def test_code_deps_are_in_the_fingerprint(root):
     code = _with_dvc_yaml(root)
     p = params()
-    md5s = stage.input_md5s(root, 1, False, p)
-    assert "src/chexops/train.py" not in md5s                    # code is not a data input
-    assert set(stage.code_md5s(root, 1)) == {"src/chexops/train.py"}
-    before = stage.round_fingerprint(p, root, 1, md5s)
-    assert stage.round_fingerprint(p, root, 1, md5s) == before
+    md5s = rounds.input_md5s(root, 1, False, p)
+    assert "src/chexops/training/loop.py" not in md5s                    # code is not a data input
+    assert set(rounds.code_md5s(root, 1)) == {"src/chexops/training/loop.py"}
+    before = rounds.round_fingerprint(p, root, 1, md5s)
+    assert rounds.round_fingerprint(p, root, 1, md5s) == before
     code.write_text("# the training loop, version 2\n")
-    assert stage.round_fingerprint(p, root, 1, md5s) != before
+    assert rounds.round_fingerprint(p, root, 1, md5s) != before
 
 
 def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, monkeypatch):
@@ -276,7 +278,7 @@ def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, 
     assert resumed is None                                       # a new MLflow run
     assert [step for step, _ in rerun.steps] == [1, 2]         # epoch 1 trained again
     meta = json.loads((root / paths.round_meta(1)).read_text())
-    assert meta["resumed_from_epoch"] is None and set(meta["code"]) == {"src/chexops/train.py"}
+    assert meta["resumed_from_epoch"] is None and set(meta["code"]) == {"src/chexops/training/loop.py"}
 
 
 def _resnet18_weights(path: Path, seed: int) -> None:
@@ -290,25 +292,25 @@ def _resnet18_weights(path: Path, seed: int) -> None:
 
 
 def test_pretrained_weights_file_md5_is_an_input_and_in_the_fingerprint(root):
-    from chexops.repro import file_md5
+    from chexops.hashing import file_md5
 
     weights = root / "weights" / "r18.safetensors"
     _resnet18_weights(weights, 1)
     p = params(model={"pretrained": "weights/r18.safetensors"})  # relative to the repo root
-    md5s = stage.input_md5s(root, 1, False, p)
+    md5s = rounds.input_md5s(root, 1, False, p)
     assert md5s["weights/r18.safetensors"] == file_md5(weights)
-    assert "weights/r18.safetensors" not in stage.input_md5s(root, 2, False, p)  # round 1's only
-    assert "weights/r18.safetensors" not in stage.input_md5s(root, 1, False, params())
-    before = stage.round_fingerprint(p, root, 1, md5s)
+    assert "weights/r18.safetensors" not in rounds.input_md5s(root, 2, False, p)  # round 1's only
+    assert "weights/r18.safetensors" not in rounds.input_md5s(root, 1, False, params())
+    before = rounds.round_fingerprint(p, root, 1, md5s)
     _resnet18_weights(weights, 2)                                # same path, new content
-    after_md5s = stage.input_md5s(root, 1, False, p)
+    after_md5s = rounds.input_md5s(root, 1, False, p)
     assert after_md5s["weights/r18.safetensors"] != md5s["weights/r18.safetensors"]
-    assert stage.round_fingerprint(p, root, 1, after_md5s) != before
+    assert rounds.round_fingerprint(p, root, 1, after_md5s) != before
 
 
 def test_round_one_with_pretrained_file_tags_its_md5_and_resolves_from_the_root(
         root, runs, tmp_path_factory, monkeypatch):
-    from chexops.repro import file_md5
+    from chexops.hashing import file_md5
 
     weights = root / "weights" / "r18.safetensors"
     _resnet18_weights(weights, 1)
@@ -326,7 +328,7 @@ def test_round_one_with_pretrained_file_tags_its_md5_and_resolves_from_the_root(
 def test_resumed_auto_lr_round_reuses_the_lr_found(root, runs, monkeypatch):
     """`lr: auto`: the range test runs once; the resume trains with the LR stored in the
     checkpoint and matches an uninterrupted run."""
-    import chexops.lr_find as lr_find
+    import chexops.training.lr_finder as lr_find
 
     found = []
 

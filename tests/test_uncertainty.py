@@ -15,8 +15,9 @@ from chexops import paths
 from chexops.config import ConfigError
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
-from chexops.train import masked_bce
-from chexops.uncertainty import OutputCoding, encode_labels, output_coding, relabel
+from chexops.training import rounds
+from chexops.model.coding import masked_bce
+from chexops.model.coding import OutputCoding, encode_labels, output_coding, relabel
 from tests.test_train_round_stage import frame, params, root, runs  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
@@ -85,7 +86,7 @@ def with_uncertain(root, rows=(1, 4, 7)):
 
 
 def test_multiclass_round_trains_a_three_way_head_and_predicts_pos_probability(root, runs):
-    from chexops.inference import predict_frame
+    from chexops.inference.frames import predict_frame
 
     with_uncertain(root)
     p = policy("multiclass")
@@ -98,7 +99,7 @@ def test_multiclass_round_trains_a_three_way_head_and_predicts_pos_probability(r
     probs = predict_frame(p, weights, valid, root / paths.RAW_ZIP, root)
     assert probs.shape == (8, 1) and ((probs > 0) & (probs < 1)).all()
     metrics = json.loads((root / paths.round_metrics(1)).read_text())
-    from chexops.metrics import binary_metrics
+    from chexops.evaluation.metrics import binary_metrics
     assert binary_metrics(valid["Cardiomegaly"], probs[:, 0])["confusion"] == metrics["confusion"]
 
 
@@ -108,11 +109,11 @@ def test_selftrained_round_relabels_with_the_teacher_and_logs_it(root, runs, tmp
     shutil.copy(root / paths.round_weights(1), teacher)
     train = with_uncertain(root)
     p = policy("selftrained", teacher=str(teacher), teacher_labels="soft")
-    data, identity = stage.train_set(p, root, train, torch.device("cpu"))
+    data, identity = rounds.train_set(p, root, train, torch.device("cpu"))
     soft = data.labels[[1, 4, 7], 0]
     assert data.mask[[1, 4, 7], 0].all() and ((soft > 0) & (soft < 1)).all()
     assert identity["teacher"] == str(teacher) and len(identity["teacher_md5"]) == 32
-    hard, _ = stage.train_set(policy("selftrained", teacher=str(teacher), teacher_labels="hard"),
+    hard, _ = rounds.train_set(policy("selftrained", teacher=str(teacher), teacher_labels="hard"),
                               root, train, torch.device("cpu"))
     assert hard.labels[[1, 4, 7], 0].tolist() == (soft >= 0.5).astype(float).tolist()
     stage.main(p, root, 1)
@@ -136,7 +137,7 @@ def test_missing_teacher_is_a_clear_error(root):
 def test_teacher_with_other_targets_or_not_weights_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
-    from chexops.uncertainty import load_teacher
+    from chexops.training.teacher import load_teacher
 
     two_targets = tmp_path / "two.safetensors"
     save_file({"w": torch.zeros(1)}, str(two_targets), metadata={"coding": "binary,binary"})
@@ -175,7 +176,7 @@ def test_teacher_from_an_mlflow_run_is_fetched_from_the_project_store(tmp_path, 
     from mlflow.tracking import MlflowClient
     from safetensors.torch import save_file
 
-    from chexops.uncertainty import resolve_teacher
+    from chexops.training.teacher import resolve_teacher
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()

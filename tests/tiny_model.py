@@ -27,7 +27,7 @@ def tiny_params(tmp_path: Path, **evaluate):
 def tiny_weights(tmp_path: Path, params, seed: int = 0) -> Path:
     import torch
 
-    from chexops.model import build_model, save_weights
+    from chexops.model.network import build_model, save_weights
 
     torch.manual_seed(seed)
     model = build_model(params.model, len(params.targets)).eval()
@@ -51,11 +51,11 @@ def radiograph(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
 def tiny_multiclass_weights(tmp_path: Path, params, seed: int = 0,
                             name: str = "multiclass.safetensors") -> Path:
     """Weights as a U-MultiClass round writes them: three logits (neg, pos, uncertain) per
-    target and metadata coding="multiclass,..." (chexops.uncertainty.OutputCoding)."""
+    target and metadata coding="multiclass,..." (chexops.model.coding.OutputCoding)."""
     import torch
 
-    from chexops.model import build_model, save_weights
-    from chexops.uncertainty import MULTICLASS, OutputCoding
+    from chexops.model.network import build_model, save_weights
+    from chexops.model.coding import MULTICLASS, OutputCoding
 
     coding = OutputCoding((MULTICLASS,) * len(params.targets))
     torch.manual_seed(seed)

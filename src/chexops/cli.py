@@ -17,21 +17,21 @@ from chexops.errors import ChexopsError
 
 # stage name -> module whose main(params, root) runs it
 STAGES = {
-    "download": "chexops.data.download",
-    "clean": "chexops.data.clean",
-    "resample": "chexops.data.resample",
+    "download": "chexops.stages.download",
+    "clean": "chexops.stages.clean",
+    "resample": "chexops.stages.resample",
     "evaluate": "chexops.stages.evaluate",
 }
 
 # command name -> (module with add_arguments/run, help)
 COMMANDS = {
     "train-round": ("chexops.stages.train_round", "run training round K (1-5)"),
-    "lr-find": ("chexops.lr_find", "LR range test for round K: plot and suggested lr, no training"),
-    "reproduce": ("chexops.reproduce", "re-run a recorded trial and compare its results"),
-    "ui": ("chexops.ui", "start the MLflow UI on the embedded store (127.0.0.1)"),
-    "compare": ("chexops.compare", "compare two trials: metrics with CIs, paired DeLong test"),
-    "predict": ("chexops.predict", "probabilities per image from a registered model or weights"),
-    "champion": ("chexops.champion", "set the registry alias champion to a model version"),
+    "lr-find": ("chexops.commands.lr_find", "LR range test for round K: plot and suggested lr, no training"),
+    "reproduce": ("chexops.commands.reproduce", "re-run a recorded trial and compare its results"),
+    "ui": ("chexops.commands.ui", "start the MLflow UI on the embedded store (127.0.0.1)"),
+    "compare": ("chexops.commands.compare", "compare two trials: metrics with CIs, paired DeLong test"),
+    "predict": ("chexops.commands.predict", "probabilities per image from a registered model or weights"),
+    "champion": ("chexops.commands.champion", "set the registry alias champion to a model version"),
 }
 
 

@@ -12,11 +12,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from chexops.errors import ChexopsError
+from chexops.redact import redact_url
 
 OBSERVATIONS: tuple[str, ...] = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
@@ -29,20 +29,6 @@ N_ROUNDS = 5
 
 class ConfigError(ChexopsError, ValueError):
     """A params.yaml problem; the message names the key and the fix."""
-
-
-def redact_url(url: str) -> str:
-    """scheme://host/path only: drop user:password@, the query string and the fragment."""
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname or ""
-        if ":" in host:                    # IPv6 literal
-            host = f"[{host}]"
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:                     # unparseable (bad port, bad brackets): show nothing of it
-        return "<unparseable URL>"
-    return urlunsplit((parts.scheme, host, parts.path, "***" if parts.query else "", ""))
 
 
 @dataclass(frozen=True)
@@ -359,7 +345,8 @@ def _validate(p: Params) -> None:
         elif lr is not None:
             need(lr > 0, f"rounds.{name}.lr: must be > 0, got {lr}")
         else:
-            need(name == "r1", f"rounds.{name}.lr: set a learning rate (only r1 may inherit the top-level lr)")
+            need(name == "r1", f"rounds.{name}.lr: set a learning rate "
+                               f"(only r1 may inherit the top-level lr)")
 
 
 def url_in_source_message(source: str, url_env: str) -> str:

@@ -16,6 +16,7 @@ CACHE_DIR = Path("data/cache")                     # decoded-image cache; not DV
 CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpoints; not DVC-tracked
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+DVC_TEMP_MARKER = "/.dvc/tmp/exps/"             # where `dvc exp run --temp/--queue` works
 RUNS_DIR = Path("runs")                            # runs/<stage>.json: the MLflow run that made an output
 
 
@@ -37,3 +38,17 @@ def round_metrics(k: int) -> Path:
 
 def stage_run_file(stage: str) -> Path:
     return RUNS_DIR / f"{stage}.json"
+
+
+def main_repo_root(root: str | Path) -> Path:
+    """A DVC experiment workspace (<repo>/.dvc/tmp/exps/...) maps back to <repo>."""
+    text = Path(root).resolve().as_posix()
+    if DVC_TEMP_MARKER in text:
+        return Path(text.split(DVC_TEMP_MARKER, 1)[0])
+    return Path(text)
+
+
+def image_cache_dir(root: str | Path) -> Path:
+    """The decoded-image cache of the MAIN repository (<repo>/data/cache), also from a DVC
+    experiment workspace (<repo>/.dvc/tmp/exps/...), so queued and --temp trials share it."""
+    return main_repo_root(root) / CACHE_DIR

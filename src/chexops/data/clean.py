@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chexops import atomic, paths
 from chexops.config import OBSERVATIONS, Params
 from chexops.data.images import ZipImages, check_images, check_member_path, find_root
 from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
@@ -218,25 +217,3 @@ def print_counts(metrics: dict) -> None:
                 print(f"clean {when.split('_')[1]:6s} {split:5s} {target}: {text}")
     print(f"clean: {metrics['rows_after']['train']} train + {metrics['rows_after']['valid']} valid "
           f"rows kept, {metrics['bad_images']} bad images dropped")
-
-
-def main(params: Params, root: Path) -> None:
-    from chexops import tracking
-
-    root = Path(root)
-    zip_path = root / paths.RAW_ZIP
-    if not zip_path.is_file():
-        raise ChexopsError(f"{paths.RAW_ZIP} not found; run `dvc repro download` first")
-    with tracking.stage_run(params, root, STAGE) as run:
-        df, bad, metrics = clean_table(zip_path, params)
-        out_dir = root / paths.CLEAN_LABELS.parent
-        with atomic.atomic_dir(out_dir) as tmp:
-            df.to_parquet(tmp / paths.CLEAN_LABELS.name, index=False)
-            bad.to_csv(tmp / paths.CLEAN_REPORT.name, index=False)
-        atomic.write_json(root / paths.METRICS_DIR / "clean.json", metrics)
-        print_counts(metrics)
-        run.log_params({"views": params.clean.views, "sex": params.clean.sex,
-                        "default_uncertainty": params.clean.default_uncertainty})
-        run.log_metrics({"train_rows": metrics["rows_after"]["train"],
-                         "valid_rows": metrics["rows_after"]["valid"],
-                         "bad_images": metrics["bad_images"]})

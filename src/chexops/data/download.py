@@ -8,7 +8,6 @@ data/raw is written as a whole folder, atomically: a failure leaves nothing half
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import io
 import ipaddress
@@ -20,11 +19,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from chexops import paths
-from chexops.atomic import atomic_dir
-from chexops.config import Params, redact_url, url_in_source_message
+from chexops.config import Params, url_in_source_message
 from chexops.data.images import check_member_path, find_root
 from chexops.data.schema import CHEXPERT_ROOTS
 from chexops.errors import ChexopsError
+from chexops.redact import redact_url
 
 STAGE = "download"
 _sleep = time.sleep           # tests replace it: back-off without waiting
@@ -275,7 +274,7 @@ def produce(params: Params, root: Path, out: Path) -> dict:
     source, zip_path = params.data.source, out / paths.RAW_ZIP.name
     kind = source_kind(source, params.data.url_env)
     if kind == "synthetic":
-        from chexops.data.synthetic import generate_zip
+        from chexops.data.synthetic.generate import generate_zip
 
         cfg = params.data.synthetic          # its own seed: the training seed leaves the data be
         generate_zip(cfg, cfg.seed, zip_path, out / paths.TRUTH.name)
@@ -305,22 +304,3 @@ def summarize(zip_path: Path) -> dict:
         rows = {s: csv_rows(zf.read(f"{root}/{s}.csv")) for s in ("train", "valid")}
     images = sum(n.lower().endswith((".jpg", ".jpeg", ".png")) for n in names)
     return {"train_rows": rows["train"], "valid_rows": rows["valid"], "images": images}
-
-
-def main(params: Params, root: Path) -> None:
-    from chexops import tracking
-
-    root = Path(root)
-    with tracking.stage_run(params, root, STAGE) as run:
-        try:
-            with atomic_dir(root / paths.RAW_DIR) as tmp:
-                facts = produce(params, root, tmp)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ChexopsError(f"disk full while writing {paths.RAW_DIR}; free space "
-                                   f"(the CheXpert zip needs ~11 GB) and re-run") from None
-            raise
-        print(f"download ({facts['source']}): {facts['train_rows']} train + "
-              f"{facts['valid_rows']} valid rows, {facts['images']} images")
-        run.log_params({"source": facts["source"]})
-        run.log_metrics({k: v for k, v in facts.items() if k != "source"})

@@ -303,7 +303,6 @@ def _fill(store: Path, zip_path: Path, members: list[str], slots: np.ndarray, si
                 last = time.monotonic()
     finally:                                    # an error keeps the chunks decoded before it
         persist()
-        del pixels
 
 
 def _missing(zip_path: Path, paths: list[str], slots: np.ndarray) -> None:

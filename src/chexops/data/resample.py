@@ -6,13 +6,9 @@ count as neither class: they are kept once each, not resampled, and share in `fr
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from chexops import atomic, paths
-from chexops.config import Params
 from chexops.errors import ChexopsError
 
 STAGE = "resample"
@@ -73,27 +69,3 @@ def class_counts(df: pd.DataFrame, target: str) -> dict[str, int]:
     y = df[target]
     return {"rows": len(df), "positive": int((y == 1).sum()), "negative": int((y == 0).sum()),
             "uncertain": int((y == -1).sum())}
-
-
-def main(params: Params, root: Path) -> None:
-    from chexops import tracking
-
-    root = Path(root)
-    src = root / paths.CLEAN_LABELS
-    if not src.is_file():
-        raise ChexopsError(f"{paths.CLEAN_LABELS} not found; run `dvc repro clean` first")
-    target, cfg = params.targets[0], params.resample
-    with tracking.stage_run(params, root, STAGE) as run:
-        train, valid = split_frames(pd.read_parquet(src))
-        out = resample_frame(train, target, cfg.strategy, cfg.fraction, params.seed)
-        with atomic.atomic_dir(root / paths.RESAMPLED_DIR) as tmp:
-            out.to_parquet(tmp / paths.RESAMPLED_TRAIN.name, index=False)
-            valid.to_parquet(tmp / paths.RESAMPLED_VALID.name, index=False)
-        metrics = {"target": target, "before": class_counts(train, target),
-                   "train": class_counts(out, target), "valid": class_counts(valid, target)}
-        atomic.write_json(root / paths.METRICS_DIR / "resample.json", metrics)
-        print(f"resample {cfg.strategy} x{cfg.fraction}: {len(train)} -> {len(out)} train rows "
-              f"({metrics['train']['positive']} positive), {len(valid)} valid rows untouched")
-        run.log_params({"strategy": cfg.strategy, "fraction": cfg.fraction, "target": target})
-        run.log_metrics({f"train_{k}": v for k, v in metrics["train"].items()}
-                        | {"valid_rows": len(valid)})

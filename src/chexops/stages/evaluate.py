@@ -8,10 +8,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chexops import atomic, evaluate, paths, tracking
+from chexops import atomic, paths
 from chexops.config import Params
 from chexops.errors import ChexopsError
+from chexops.evaluation import confusion, figures
+from chexops.evaluation import targets as evaluate
 from chexops.stages import evaluate_report
+from chexops.tracking import runs as tracking
 
 STAGE = "evaluate"
 FINAL_ROUND = 5
@@ -30,7 +33,7 @@ def predict(params: Params, root: Path, weights: Path, valid: pd.DataFrame) -> n
     """Probabilities (N x targets); an empty split needs no model."""
     if len(valid) == 0:
         return np.zeros((0, len(params.targets)))
-    from chexops.inference import predict_frame
+    from chexops.inference.frames import predict_frame
 
     return np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root))
 
@@ -48,7 +51,7 @@ def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
     n = params.evaluate.tta
     if n <= 0 or len(valid) == 0:
         return
-    from chexops.inference import predict_frame
+    from chexops.inference.frames import predict_frame
 
     probs = np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root, tta=n))
     tta, _ = evaluate.evaluate_targets(valid, probs, params.targets, params.evaluate.threshold)
@@ -68,17 +71,17 @@ def write_plots(root: Path, curves: dict) -> None:
 def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ...]) -> dict:
     """reports/evaluate/{report.md, roc.png, precision_recall.png, confusion*.png}, swapped in
     whole; returns figures."""
-    figures = {"roc.png": evaluate.roc_figure(curves, metrics),
-               "precision_recall.png": evaluate.pr_figure(curves, metrics)}
+    drawn = {"roc.png": figures.roc_figure(curves, metrics),
+             "precision_recall.png": figures.pr_figure(curves, metrics)}
     for t in targets:
         name = "confusion.png" if len(targets) == 1 else f"confusion-{evaluate.slug(t)}.png"
-        figures[name] = evaluate.confusion_figure(metrics[t].get("confusion"), t)
+        drawn[name] = confusion.confusion_figure(metrics[t].get("confusion"), t)
     weights = paths.round_weights(FINAL_ROUND).as_posix()
     with atomic.atomic_dir(root / REPORT_DIR) as tmp:
-        (tmp / "report.md").write_text(evaluate.markdown_report(metrics, targets, weights))
-        for name, fig in figures.items():
+        (tmp / "report.md").write_text(figures.markdown_report(metrics, targets, weights))
+        for name, fig in drawn.items():
             fig.savefig(tmp / name)
-    return figures
+    return drawn
 
 
 def log_to_run(run: tracking.StageRun, root: Path, params: Params, metrics: dict,

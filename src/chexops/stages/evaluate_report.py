@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chexops import analysis, atomic, compare, paths, report
+from chexops import atomic, paths
+from chexops.commands import compare
 from chexops.config import Params
+from chexops.evaluation import analysis, report
 
 REPORT_DIR = Path("reports/evaluate")
 HTML = REPORT_DIR / "report.html"
@@ -40,9 +42,9 @@ def _gradcam_figures(params: Params, root: Path, valid: pd.DataFrame, probs: np.
     per_kind = int(getattr(params.evaluate, "gradcam_per_kind", 4))
     if per_kind <= 0 or len(valid) == 0:
         return {}
-    from chexops import gradcam
-    from chexops.inference import load_images
-    from chexops.predict import predictor_from_weights
+    from chexops.inference import gradcam
+    from chexops.inference.frames import load_images
+    from chexops.inference.predictor import predictor_from_weights
 
     predictor = predictor_from_weights(weights, params)
     images = load_images(params, valid, root / paths.RAW_ZIP, root)
@@ -111,7 +113,7 @@ def write_plot_tables(root: Path, targets: tuple[str, ...], result: analysis.Ana
 
 
 def compare_slug(name: str) -> str:
-    from chexops.gradcam import slug
+    from chexops.inference.gradcam import slug
 
     return slug(name)
 
@@ -121,7 +123,7 @@ def register_model(params: Params, run: Any, root: Path, weights: Path) -> str |
     returns the model URI, or None when registration is off."""
     if not getattr(params.evaluate, "register", True):
         return None
-    from chexops import registry
+    from chexops.tracking import registry
 
     info = registry.log_model(params, root, run.run_id, weights)
     version = registry.register(info.model_uri, registry.model_name(params),

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from chexops import atomic, paths
-from chexops.config import N_ROUNDS, Params, ResampleDraw, to_dict
+from chexops import paths
+from chexops.config import N_ROUNDS, Params
 from chexops.errors import ChexopsError
+from chexops.training import rounds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     """`runtime.distributed: torchrun` re-launches this command under torchrun (so `dvc repro`
     still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank."""
-    from chexops import distributed
+    from chexops.training import distributed
 
     if params.runtime.distributed == "torchrun" and not distributed.under_torchrun():
         params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
@@ -50,271 +46,10 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     main(params, root, args.k)
 
 
-def stage_name(k: int) -> str:
-    return f"train-round-{k}"
-
-
-# ---------------------------------------------------------------- inputs
-
-def _require(root: Path, rel: Path, fix: str) -> Path:
-    if not (root / rel).is_file():
-        raise ChexopsError(f"{rel.as_posix()} not found; {fix}")
-    return root / rel
-
-
-def previous_weights(root: Path, k: int) -> Path | None:
-    """Round k-1's best weights (round 1 starts from the model's initial weights)."""
-    if k == 1:
-        return None
-    rel = paths.round_weights(k - 1)
-    return _require(root, rel, f"run `dvc repro {stage_name(k - 1)}` first")
-
-
-def fresh_draw(params: Params, root: Path, draw: ResampleDraw) -> pd.DataFrame:
-    """The seed study's new sample for a round: resample the clean training rows with the
-    round's own seed, then keep draw.size rows (all when 0)."""
-    from chexops.data.resample import resample_frame
-
-    labels = pd.read_parquet(_require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first"))
-    train = labels[~labels["valid"].astype(bool)]
-    out = resample_frame(train, target=params.targets[0], strategy=params.resample.strategy,
-                         fraction=1.0, seed=draw.seed)
-    if 0 < draw.size < len(out):
-        out = out.sample(n=draw.size, random_state=draw.seed)
-    return out.reset_index(drop=True)
-
-
-def load_frames(params: Params, root: Path, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    fix = "run `dvc repro resample` first"
-    valid = pd.read_parquet(_require(root, paths.RESAMPLED_VALID, fix))
-    draw = params.round(k).resample
-    train = (fresh_draw(params, root, draw) if draw is not None
-             else pd.read_parquet(_require(root, paths.RESAMPLED_TRAIN, fix)))
-    return train, valid
-
-
-def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
-    """(N, T) float raw labels of the targets (1 / 0 / -1); chexops.uncertainty encodes them."""
-    for t in params.targets:
-        if t not in df.columns:
-            raise ChexopsError(f"target {t!r} is not a column of the label table; "
-                               f"run `dvc repro clean` with targets including it")
-    return df[list(params.targets)].to_numpy(dtype=np.float32)
-
-
-def array_set(params: Params, root: Path, df: pd.DataFrame):
-    """Rows index the shared decoded-image store (memory-mapped, no copy: at 320 px a CheXpert
-    round's images are ~12 GB); repeated rows (oversampling) share one image."""
-    from chexops.batches import ArraySet
-    from chexops.data.images import image_store
-    from chexops.inference import image_cache_dir
-    from chexops.uncertainty import encode_labels
-
-    uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
-    pixels, slots = image_store(root / paths.RAW_ZIP, uniq.tolist(), params.train.image_size,
-                                image_cache_dir(root), params.runtime.workers)
-    labels, mask = encode_labels(params, label_matrix(params, df))
-    return ArraySet(pixels, labels, mask, slots[index].astype(np.int64))
-
-
-def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any, dict | None]:
-    """The training ArraySet; under U-SelfTrained the teacher relabels its uncertain labels
-    (returns the teacher's identity for MLflow, else None)."""
-    from chexops.uncertainty import needs_teacher, self_train
-
-    data = array_set(params, root, df)
-    if not needs_teacher(params):
-        return data, None
-    return self_train(params, root, data, label_matrix(params, df), device)
-
-
-# ---------------------------------------------------------------- provenance
-
-def input_files(root: Path, k: int, fresh: bool) -> list[Path]:
-    files = [paths.RAW_ZIP, paths.RESAMPLED_VALID,
-             paths.CLEAN_LABELS if fresh else paths.RESAMPLED_TRAIN]
-    if k > 1:
-        files.append(paths.round_weights(k - 1))
-    return files
-
-
-def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) -> dict[str, str]:
-    """md5 of each input as DVC records it (dvc.lock), else computed from the files; plus, for
-    round 1, the `model.pretrained` weights file's md5 under its path as written in params."""
-    from chexops.repro import dvc_input_md5s, file_md5
-
-    try:
-        found = dvc_input_md5s(root, stage_name(k))
-    except ChexopsError:  # no dvc.yaml (a bare checkout or a test): hash the files
-        found = {}
-    if not found:
-        found = {f.as_posix(): file_md5(root / f) for f in input_files(root, k, fresh)
-                 if (root / f).is_file()}
-    if params is not None and k == 1:
-        found.update(pretrained_md5(params, root))
-    return found
-
-
-def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
-    """{model.pretrained as written: md5} when it names a weights file (it is resolved against
-    the repository root); empty for true/false, or a missing file (the model build says so)."""
-    from chexops.model import pretrained_path
-    from chexops.repro import file_md5
-
-    path = pretrained_path(params.model, root)
-    if path is None or not path.is_file():
-        return {}
-    return {str(params.model.pretrained): file_md5(path)}
-
-
-def code_md5s(root: Path, k: int) -> dict[str, str]:
-    """md5 of each code dep (src/...) of the stage in dvc.yaml, from the files now."""
-    from chexops.repro import dvc_code_md5s
-
-    return dvc_code_md5s(root, stage_name(k))
-
-
-def round_fingerprint(params: Params, root: Path, k: int, md5s: dict[str, str]) -> str:
-    """What a checkpoint must match to be resumed: params, data inputs (and pretrained weights),
-    and the stage's code, so epochs trained by other code are never continued."""
-    from chexops import checkpoint
-
-    return checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s,
-                                   "code": code_md5s(root, k)})
-
-
-def round_params(params: Params, k: int) -> dict[str, Any]:
-    """Everything that shapes round k's result (the checkpoint fingerprint and meta.json)."""
-    return {"round": k, "seed": params.seed, "targets": list(params.targets),
-            "uncertainty": {t: params.uncertainty_policy(t) for t in params.targets},
-            "teacher": [params.clean.teacher, params.clean.teacher_labels]
-            if any(params.uncertainty_policy(t) == "selftrained" for t in params.targets) else None,
-            "resample": to_dict(params.resample), "rounds": to_dict(params.round(k)),
-            "model": to_dict(params.model),
-            "train": to_dict(params.train)}
-
-
-def mlflow_params(params: Params, k: int, n_train: int, n_valid: int) -> dict[str, Any]:
-    r = params.round(k)
-    out: dict[str, Any] = {"round": k, "epochs": r.epochs, "freeze": r.freeze,
-                           "batch_size": params.train.batch_size,
-                           "image_size": params.train.image_size, "seed": params.seed,
-                           "arch": params.model.arch, "head": params.model.head,
-                           "n_train": n_train, "n_valid": n_valid}
-    if isinstance(r.lr, tuple):
-        out.update(lr=str(list(r.lr)), lr_lo=r.lr[0], lr_hi=r.lr[1])
-    else:
-        out["lr"] = r.lr
-    if r.resample is not None:
-        out.update(resample_seed=r.resample.seed, resample_size=r.resample.size)
-    return out
-
-
-# ---------------------------------------------------------------- outputs
-
-def write_outputs(root: Path, k: int, result, meta: dict[str, Any]) -> None:
-    atomic.write_json(root / paths.round_meta(k), meta)
-    atomic.write_json(root / paths.round_metrics(k), round_metrics(result))
-    with atomic.atomic_path(root / history_path(k), ".csv") as tmp:
-        pd.DataFrame(result.history).to_csv(tmp, index=False)
-
-
-def history_path(k: int) -> Path:
-    return paths.PLOTS_DIR / f"round-{k}" / "history.csv"
-
-
-def round_metrics(result) -> dict[str, Any]:
-    """The best epoch's row; per-target details (confusion, specificity, ...) flat for one target."""
-    best = dict(result.best_metrics)
-    per = best.pop("targets")
-    if len(per) == 1:
-        best.update(next(iter(per.values())))
-    else:
-        best["targets"] = per
-    return {**best, "best_epoch": result.best_epoch, "batch_size": result.batch_size,
-            "micro_batch": result.micro_batch}
-
-
-def log_best(stage_run, root: Path, k: int, result) -> None:
-    """The best epoch's confusion matrix (JSON and figure) and weights, on the MLflow run."""
-    from chexops.evaluate import confusion_figure
-
-    per = result.best_metrics["targets"]
-    stage_run.log_dict({t: m["confusion"] for t, m in per.items()}, "confusion.json")
-    if len(per) > 1:  # multi-label: each target's best-epoch metrics beside the mean
-        stage_run.log_metrics({f"best.{t}.{key}": m.get(key) for t, m in per.items()
-                               for key in ("auroc", "precision", "recall", "error_rate")})
-    for t, m in per.items():
-        name = "confusion.png" if len(per) == 1 else f"confusion-{t.replace(' ', '_')}.png"
-        stage_run.log_figure(confusion_figure(m["confusion"], t), name)
-    stage_run.log_artifact(root / paths.round_weights(k), "model")
-    stage_run.log_artifact(root / paths.round_meta(k), "model")
-
-
-# ---------------------------------------------------------------- main
-
-def plan_for(params: Params, k: int):
-    from chexops.train import RoundPlan
-    from chexops.uncertainty import output_coding
-
-    r = params.round(k)  # lr may be "auto": _main replaces it by the LR finder's choice
-    return RoundPlan(r.epochs, r.lr, r.freeze, params.seed, tuple(params.targets),
-                     params.train, params.runtime, output_coding(params))
-
-
-def build_start_model(params: Params, prev: Path | None, root: Path | None = None):
-    """Round k-1's weights, or (round 1) the model with model.pretrained, a relative weights
-    path resolved against `root` (the repository root)."""
-    from chexops.model import build_model, load_weights
-    from chexops.uncertainty import output_coding
-
-    model_cfg = params.model
-    if prev is not None and model_cfg.pretrained is not False:  # round k-1 replaces them
-        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    model = build_model(model_cfg, output_coding(params).n_outputs, root)
-    if prev is not None:
-        load_weights(model, prev)
-    return model
-
-
-def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run,
-                    lr_found: float | None = None):
-    """issue 5: `lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
-    round reuses the choice stored in its checkpoint (`lr_found`) instead of re-running it."""
-    from chexops.lr_find import auto_lr
-
-    if plan.lr != "auto":
-        return plan, None
-    if lr_found is not None:
-        print(f"chexops: rounds.r{k}: lr auto -> {lr_found:.3e} (from the checkpoint)",
-              file=sys.stderr)
-        return dataclasses.replace(plan, lr=lr_found), lr_found
-    lr, _ = auto_lr(model, train, plan, device, params.train.lr_find, f"rounds.r{k}", stage_run)
-    return dataclasses.replace(plan, lr=lr), lr
-
-
-def resume_info(ckpt_path: Path, fingerprint: str) -> dict[str, Any]:
-    """{run_id, lr_found} of the checkpoint this round will resume (both None when none): read
-    by rank 0 and broadcast, so every rank takes the same path (e.g. skips the LR range test)."""
-    from chexops import checkpoint, distributed
-
-    info: dict[str, Any] = {"run_id": None, "lr_found": None}
-    if distributed.is_main():
-        saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)  # train_round reloads it
-        if saved:
-            info = {"run_id": saved["run_id"], "lr_found": saved.get("lr_found")}
-    return distributed.broadcast_object(info)
-
-
-def resumed_run_id(ckpt_path: Path, fingerprint: str) -> str | None:
-    """The MLflow run of the checkpoint this round will resume, if any."""
-    return resume_info(ckpt_path, fingerprint)["run_id"]
-
-
 def main(params: Params, root: Path, k: int) -> None:
     """Round k; under torchrun this process is one rank of a data-parallel run."""
-    from chexops import distributed
-    from chexops.repro import configure_torch, resolve_device
+    from chexops.runtime import configure_torch, resolve_device
+    from chexops.training import distributed
 
     configure_torch(params.runtime)
     with distributed.process_group(resolve_device(params.runtime),
@@ -323,43 +58,45 @@ def main(params: Params, root: Path, k: int) -> None:
 
 
 def _main(params: Params, root: Path, k: int, device) -> None:
-    from chexops import checkpoint, distributed, tracking
-    from chexops.repro import seed_everything
-    from chexops.train import train_round
-    from chexops.uncertainty import needs_teacher, resolve_teacher
+    from chexops.model.coding import needs_teacher
+    from chexops.runtime import seed_everything
+    from chexops.tracking import runs as tracking
+    from chexops.training import checkpoint, distributed
+    from chexops.training.loop import train_round
+    from chexops.training.teacher import resolve_teacher
 
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
-    plan = plan_for(params, k)
-    prev = previous_weights(root, k)
+    plan = rounds.plan_for(params, k)
+    prev = rounds.previous_weights(root, k)
     fresh = params.round(k).resample is not None
-    train_df, valid_df = load_frames(params, root, k)
-    md5s = input_md5s(root, k, fresh, params)
-    fingerprint = round_fingerprint(params, root, k, md5s)
+    train_df, valid_df = rounds.load_frames(params, root, k)
+    md5s = rounds.input_md5s(root, k, fresh, params)
+    fingerprint = rounds.round_fingerprint(params, root, k, md5s)
     ckpt_path = checkpoint.checkpoint_path(root, k)
-    resume = resume_info(ckpt_path, fingerprint)
+    resume = rounds.resume_info(ckpt_path, fingerprint)
     seed_everything(params.seed)  # the initial head weights come from the seed
-    model = build_start_model(params, prev, root)  # before MLflow: bad arch or weights fail fast
+    model = rounds.build_start_model(params, prev, root)  # before MLflow: bad arch or weights fail fast
     if params.clean.teacher and ":/" not in params.clean.teacher and needs_teacher(params):
         resolve_teacher(params.clean.teacher, root)  # a missing teacher file fails fast too
-    tracked = (tracking.stage_run(params, root, stage_name(k), resume_run_id=resume["run_id"])
+    tracked = (tracking.stage_run(params, root, rounds.stage_name(k), resume_run_id=resume["run_id"])
                if distributed.is_main() else contextlib.nullcontext(distributed.NullRun()))
     with tracked as stage_run:
-        stage_run.log_params(mlflow_params(params, k, len(train_df), len(valid_df)))
-        pretrained = pretrained_md5(params, root) if k == 1 else {}
+        stage_run.log_params(rounds.mlflow_params(params, k, len(train_df), len(valid_df)))
+        pretrained = rounds.pretrained_md5(params, root) if k == 1 else {}
         if pretrained:  # not a DVC dep (see the module docstring): its md5 is on the run
             (path, md5), = pretrained.items()
             stage_run.set_tags({"pretrained_path": path, "pretrained_md5": md5})
         with distributed.main_first():  # rank 0 builds the image cache, the others reuse it
-            train, teacher = train_set(params, root, train_df, device)
-            valid = array_set(params, root, valid_df)
+            train, teacher = rounds.train_set(params, root, train_df, device)
+            valid = rounds.array_set(params, root, valid_df)
         if teacher is not None:  # U-SelfTrained: whose labels the round learns from
             stage_run.set_tags(teacher)
             stage_run.log_params({"teacher": teacher["teacher"]})
-        plan, found_lr = resolve_auto_lr(plan, params, k, model, train, device, stage_run,
+        plan, found_lr = rounds.resolve_auto_lr(plan, params, k, model, train, device, stage_run,
                                          resume["lr_found"])
-        meta = {"round": k, "seed": params.seed, "params": round_params(params, k),
-                "inputs": md5s, "code": code_md5s(root, k), "run_id": stage_run.run_id,
+        meta = {"round": k, "seed": params.seed, "params": rounds.round_params(params, k),
+                "inputs": md5s, "code": rounds.code_md5s(root, k), "run_id": stage_run.run_id,
                 "fingerprint": fingerprint,
                 "lr_found": found_lr, "teacher": teacher}
         result = train_round(
@@ -376,7 +113,7 @@ def _main(params: Params, root: Path, k: int, device) -> None:
                     resumed_from_epoch=result.resumed_from)
         if not distributed.is_main():
             return
-        write_outputs(root, k, result, meta)
-        log_best(stage_run, root, k, result)
+        rounds.write_outputs(root, k, result, meta)
+        rounds.log_best(stage_run, root, k, result)
         print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "
               f"{result.best_metrics['auroc']:.4f}", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""The richer evaluation of issue 6, as one call the evaluate stage makes: per target, CIs
+(bootstrap + DeLong), the operating point at the target sensitivity, calibration, subgroups,
+and optionally per-study metrics; plus the tables and figures of the HTML report.
+
+Pure: arrays and frames in, dicts/frames/figures out; stages/evaluate.py writes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chexops.evaluation import stats
+
+
+@dataclass
+class Analysis:
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)   # target -> JSON-able
+    subgroups: dict[str, pd.DataFrame] = field(default_factory=dict)
+    reliability: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def _labels(valid: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = pd.to_numeric(valid[target], errors="coerce").to_numpy()
+    mask = np.isin(labels, (0, 1))
+    return mask, labels[mask].astype(int)
+
+
+def target_analysis(y: np.ndarray, p: np.ndarray, cfg: Any, seed: int) -> dict[str, Any]:
+    """CIs, operating point and calibration of one target on one split."""
+    record: dict[str, Any] = {
+        "ci": stats.bootstrap_ci(y, p, cfg.threshold, max(1000, cfg.bootstrap), seed),
+        "auroc_delong": stats.delong_auroc(y, p),
+        "operating_point": stats.operating_point(y, p, cfg.target_sensitivity),
+        "ece": stats.expected_calibration_error(y, p) if len(y) else None,
+        "brier": stats.brier_score(y, p),
+    }
+    return record
+
+
+def analyse(valid: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ...], cfg: Any,
+            seed: int) -> Analysis:
+    """Everything issue 6 adds to the evaluate stage, for every target."""
+    probs = np.asarray(probs, dtype=float).reshape(len(valid), len(targets))
+    out = Analysis()
+    for j, target in enumerate(targets):
+        mask, y = _labels(valid, target)
+        p = probs[mask, j]
+        record = target_analysis(y, p, cfg, seed) if len(y) else {}
+        if getattr(cfg, "per_study", False) and len(y):
+            studies = stats.aggregate_studies(valid["Path"].to_numpy()[mask], y, p)
+            record["per_study"] = {"n": int(len(studies)), "n_pos": int(studies.label.sum()),
+                                   **stats.delong_auroc(studies.label, studies.prob)}
+        out.metrics[target] = record
+        out.subgroups[target] = stats.subgroup_auroc(valid.loc[mask], y, p)
+        out.reliability[target] = stats.reliability_curve(y, p)
+    return out
+
+
+def summary_table(metrics: dict[str, Any], analysis: Analysis,
+                  targets: tuple[str, ...]) -> pd.DataFrame:
+    """One row per target and metric: value and 95 % CI; per-study AUROC and the TTA result
+    when the evaluate params asked for them; the synthetic ceiling when there is one."""
+    rows = []
+    for t in targets:
+        for name, ci in analysis.metrics.get(t, {}).get("ci", {}).items():
+            rows.append({"target": t, "metric": name, "value": ci["value"], "lo": ci["lo"],
+                         "hi": ci["hi"]})
+        extra = analysis.metrics.get(t, {})
+        for name in ("ece", "brier"):
+            rows.append({"target": t, "metric": name, "value": extra.get(name), "lo": None,
+                         "hi": None})
+        study = extra.get("per_study")
+        if study:  # evaluate.per_study: max over a study's views, DeLong's interval
+            rows.append({"target": t, "metric": f"auroc_per_study ({study['n']} studies)",
+                         "value": study["auroc"], "lo": study["lo"], "hi": study["hi"]})
+        tta = dict(metrics.get(t, {}).get("tta", {}))
+        views = tta.pop("views", None)
+        for name, value in tta.items():  # evaluate.tta: the mean over augmented views
+            rows.append({"target": t, "metric": f"{name}_tta ({views} views)", "value": value,
+                         "lo": None, "hi": None})
+        if metrics.get(t, {}).get("ceiling_auroc") is not None:
+            rows.append({"target": t, "metric": "ceiling_auroc",
+                         "value": metrics[t]["ceiling_auroc"], "lo": None, "hi": None})
+    return pd.DataFrame(rows, columns=["target", "metric", "value", "lo", "hi"])
+
+
+def operating_table(analysis: Analysis, targets: tuple[str, ...]) -> pd.DataFrame:
+    rows = []
+    for t in targets:
+        op = analysis.metrics.get(t, {}).get("operating_point", {})
+        if op.get("threshold") is None:
+            continue
+        (tn, fp), (fn, tp) = op["confusion"]
+        rows.append({"target": t, "target_sensitivity": op["target_sensitivity"],
+                     "threshold": op["threshold"], "sensitivity": op["sensitivity"],
+                     "specificity": op["specificity"], "precision": op["precision"],
+                     "tp": tp, "fn": fn, "fp": fp, "tn": tn})
+    return pd.DataFrame(rows)

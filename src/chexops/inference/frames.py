@@ -1,0 +1,69 @@
+"""Probabilities for the rows of a label table (the validation split) from a weights file, with
+optional test-time augmentation: what the evaluate stage scores."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from chexops.config import Params
+from chexops.paths import image_cache_dir
+
+
+def device_and_threads(params: Params) -> torch.device:
+    from chexops.runtime import configure_torch, resolve_device
+
+    configure_torch(params.runtime)
+    return resolve_device(params.runtime)
+
+
+def load_images(params: Params, df: pd.DataFrame, zip_path: str | Path, root: str | Path) -> np.ndarray:
+    """The frame's images, decoded once per data content and size into the shared cache
+    (the main repository's data/cache)."""
+    from chexops.data.images import load_image_array
+
+    return load_image_array(zip_path, df["Path"].astype(str).tolist(), params.train.image_size,
+                            image_cache_dir(root), params.runtime.workers)
+
+
+def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
+                  zip_path: str | Path, root: str | Path, tta: int = 0) -> np.ndarray:
+    """(N, n_targets) positive probabilities, in the frame's row order (sigmoid, or
+    p(pos)/(p(pos)+p(neg)) for U-MultiClass targets); tta > 0 averages over that many
+    augmented views (chexops.inference.tta)."""
+    import dataclasses
+
+    from chexops.data.batches import ArraySet, make_loader
+    from chexops.inference.predictor import predict_probs
+    from chexops.inference.settings import CPU_AUTO_BATCH, resolve_settings
+    from chexops.model.coding import output_coding
+    from chexops.model.network import build_model, load_weights
+
+    n_targets = len(params.targets)
+    if len(df) == 0:
+        return np.zeros((0, n_targets))
+    device = device_and_threads(params)
+    model_cfg = params.model
+    if model_cfg.pretrained is not False:  # the weights file replaces them anyway
+        import dataclasses
+        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
+    coding = output_coding(params)
+    model = build_model(model_cfg, coding.n_outputs)
+    load_weights(model, weights_path)
+    model.to(device)
+    images = load_images(params, df, zip_path, root)
+    data = ArraySet.from_labels(images, np.zeros((len(df), n_targets), dtype=np.float32))
+    bs = params.train.batch_size if isinstance(params.train.batch_size, int) else CPU_AUTO_BATCH
+    loader = make_loader(data, bs, False, None, params.runtime.workers, device.type == "cuda")
+    settings = dataclasses.replace(resolve_settings(params.runtime, params.train, device),
+                                   coding=coding)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if tta > 0:
+        from chexops.inference.tta import predict_tta, tta_spec
+
+        return predict_tta(model, loader, settings, tta, tta_spec(params.train.augment),
+                           params.seed)
+    return predict_probs(model, loader, device, settings)

@@ -1,0 +1,31 @@
+"""`chexops clean`: the label table from the zip's CSVs (views, U-Zeros/U-Ones, bad images) into
+data/clean and metrics/clean.json; the logic lives in chexops.data.clean."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from chexops import atomic, paths
+from chexops.config import Params
+from chexops.data.clean import STAGE, clean_table, print_counts
+from chexops.errors import ChexopsError
+from chexops.tracking import runs as tracking
+
+
+def main(params: Params, root: Path) -> None:
+    root = Path(root)
+    zip_path = root / paths.RAW_ZIP
+    if not zip_path.is_file():
+        raise ChexopsError(f"{paths.RAW_ZIP} not found; run `dvc repro download` first")
+    with tracking.stage_run(params, root, STAGE) as run:
+        df, bad, metrics = clean_table(zip_path, params)
+        out_dir = root / paths.CLEAN_LABELS.parent
+        with atomic.atomic_dir(out_dir) as tmp:
+            df.to_parquet(tmp / paths.CLEAN_LABELS.name, index=False)
+            bad.to_csv(tmp / paths.CLEAN_REPORT.name, index=False)
+        atomic.write_json(root / paths.METRICS_DIR / "clean.json", metrics)
+        print_counts(metrics)
+        run.log_params({"views": params.clean.views, "sex": params.clean.sex,
+                        "default_uncertainty": params.clean.default_uncertainty})
+        run.log_metrics({"train_rows": metrics["rows_after"]["train"],
+                         "valid_rows": metrics["rows_after"]["valid"],
+                         "bad_images": metrics["bad_images"]})

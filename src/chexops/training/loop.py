@@ -1,0 +1,467 @@
+"""One training round: AdamW + one-cycle over discriminative layer groups, masked BCE, the best
+epoch by validation AUROC written atomically, per-epoch checkpoints to resume from, and an
+out-of-memory fallback that halves the micro-batch and accumulates gradients.
+
+Loop pieces follow torchvision's reference split: `train_one_epoch`, `predict_probs`, and
+`train_round` tying them together. Everything here is a function of its arguments; files are
+written only to the paths passed in.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from chexops.config import RuntimeConfig, TrainConfig
+from chexops.data.batches import ArraySet, make_loader, to_input
+from chexops.errors import ChexopsError
+from chexops.evaluation.metrics import multi_target_metrics
+from chexops.inference.predictor import predict_logits
+from chexops.inference.settings import CPU_AUTO_BATCH, Settings, resolve_settings
+from chexops.model.network import ChexNet, freeze_body, layer_groups, save_weights, state_to_save
+from chexops.training import checkpoint as ckpt
+from chexops.training import distributed
+from chexops.training.schedule import OneCycle, discriminative_lrs
+
+AUTO_BATCH_START = 1024   # largest batch tried on CUDA
+MIN_MICRO_BATCH = 2       # BatchNorm needs two items per forward
+HISTORY_KEYS = ("epoch", "train_loss", "valid_loss", "auroc", "precision", "recall",
+                "error_rate", "lr")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round needs from params.yaml (see `stages.train_round.plan_for`)."""
+    epochs: int
+    lr: float | tuple[float, ...]
+    freeze: bool
+    seed: int
+    targets: tuple[str, ...]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    coding: Any = None    # issue 5: uncertainty.OutputCoding (U-MultiClass); None = all sigmoid
+
+
+@dataclass
+class RoundResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metrics: dict[str, Any]     # multi_target_metrics of the best epoch + losses
+    batch_size: int
+    micro_batch: int
+    resumed_from: int | None = None  # last completed epoch of the checkpoint resumed
+
+
+def with_recipe(s: Settings, plan: RoundPlan) -> Settings:
+    """issue 5: the plan's output coding (U-MultiClass) and seeded augmentation (train only)."""
+    import dataclasses
+
+    from chexops.data.augment import make_augmenter
+
+    return dataclasses.replace(s, coding=plan.coding,
+                               augment=make_augmenter(plan.train.augment, plan.seed, s.device))
+
+
+# ---------------------------------------------------------------- loss and one step
+
+def step_denominator(mask: torch.Tensor, s: Settings, over_ranks: bool = True) -> torch.Tensor:
+    """The batch's label count that every chunk's loss is divided by; under DDP the mean over the
+    ranks (one all-reduce), so averaging the ranks' gradients gives the global batch's gradient.
+    Computed once per step: an out-of-memory retry reuses it and makes no extra collective."""
+    denom = mask.to(s.device, non_blocking=True).float().sum()
+    return (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
+
+
+def accumulate_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor, micro: int, s: Settings,
+                     over_ranks: bool = True, denom: torch.Tensor | None = None,
+                     sync: bool = True) -> torch.Tensor:
+    """Forward/backward the batch in near-equal chunks of <= micro items; the gradient equals
+    the whole batch's (each chunk's loss is divided by the whole batch's label count `denom`,
+    by default `step_denominator`; over_ranks=False: a rank-local probe). Under DDP only the last
+    chunk's backward all-reduces, and none when sync=False (the caller averages the gradients)."""
+    labels, mask = labels.to(s.device, non_blocking=True), mask.to(s.device, non_blocking=True)
+    if denom is None:
+        denom = step_denominator(mask, s, over_ranks)
+    chunks = torch.arange(len(images)).tensor_split(-(-len(images) // micro))
+    total = torch.zeros((), device=s.device)
+    for i, idx in enumerate(chunks):
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+        with distributed.no_sync(model, sync=sync and i == len(chunks) - 1):
+            with s.autocast():
+                logits = model(to_input(images[sl], s.device, s.channels_last))
+            loss = s.loss(logits, labels[sl], mask[sl], denom)
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _free_after_oom(optimizer: torch.optim.Optimizer, s: Settings) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor, micro: int, s: Settings, denom: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, int]:
+    """The step's gradient with micro-batches of <= micro items; on out-of-memory on ANY rank,
+    every rank halves the micro-batch and retries the same batch. The ranks agree through one
+    all-reduce of an OOM flag per attempt, made before any gradient collective, so they stay in
+    lockstep (under DDP every backward runs without sync and the gradients are averaged after
+    the agreement). Returns (loss, micro)."""
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        loss, oom = None, False
+        try:
+            loss = accumulate_grads(model, images, labels, mask, micro, s, denom=denom,
+                                    sync=not distributed.active())
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            oom = True
+        if not distributed.any_over_ranks(oom, s.device):
+            distributed.all_reduce_grads(model)
+            return loss, micro
+        loss = None
+        _free_after_oom(optimizer, s)
+        if micro <= MIN_MICRO_BATCH:
+            raise ChexopsError(f"out of memory even at micro-batch {micro}; lower "
+                               f"train.image_size or use a smaller model.arch") from None
+        micro = max(MIN_MICRO_BATCH, micro // 2)
+        if distributed.is_main():
+            print(f"chexops: out of memory{' on a rank' if distributed.active() else ''}; "
+                  f"continuing with micro-batch {micro} per rank and gradient accumulation "
+                  f"(per-rank batch {len(images)}, effective batch unchanged)", file=sys.stderr)
+
+
+def train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, micro: int,
+               s: Settings) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a batch; on out-of-memory in forward/backward halve the micro-batch
+    (on every rank together) and retry the same batch with gradient accumulation, so the
+    effective batch is unchanged. An out-of-memory in optimizer.step() is not retried (the
+    parameters may be partly updated): a clear error. Returns (loss, micro)."""
+    images, labels, mask = batch
+    denom = step_denominator(mask, s)  # the step's only collective before the retry loop
+    loss, micro = _forward_backward(model, images, labels, mask, micro, s, denom, optimizer)
+    try:
+        optimizer.step()
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        _free_after_oom(optimizer, s)
+        raise ChexopsError(
+            "out of memory in the optimizer step (AdamW allocates its state at the first step; "
+            "a step cannot be retried once parameters may be partly updated); set a smaller "
+            "train.batch_size (or batch_size: auto), lower train.image_size, or use a smaller "
+            "model.arch") from None
+    return loss, micro
+
+
+# ---------------------------------------------------------------- epochs
+
+@dataclass
+class EpochState:
+    """What train_one_epoch advances: the global optimizer step and the micro-batch."""
+    step: int = 0
+    micro: int = 16
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> list[float]:
+    values = torch.stack([v for _, v in pending]).float().cpu().tolist()
+    for (batch, _), v in zip(pending, values):
+        if not np.isfinite(v):
+            raise ChexopsError(f"non-finite training loss ({v}) at epoch {epoch}, batch {batch}; "
+                               f"lower the round's lr or check the data (the best weights so far "
+                               f"are kept)")
+    return values
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    schedule: OneCycle, state: EpochState, s: Settings, epoch: int,
+                    max_batches: int = 0) -> float:
+    """Train over one epoch (at most max_batches when > 0); returns the mean training loss."""
+    model.train()
+    losses: list[float] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+    for batch_idx, batch in enumerate(loader):
+        if max_batches and batch_idx >= max_batches:
+            break
+        schedule.apply(state.step)
+        if s.augment is not None:  # seeded by the global step, so a resumed round matches
+            batch = (s.augment(batch[0], state.step), *batch[1:])
+        loss, state.micro = train_step(model, batch, optimizer, state.micro, s)
+        state.step += 1
+        pending.append((batch_idx, loss))
+        if len(pending) >= s.sync_every:
+            losses += _check_finite(pending, epoch)
+            pending = []
+    if pending:
+        losses += _check_finite(pending, epoch)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...],
+             epoch: int | None = None) -> dict[str, Any]:
+    """Validation loss and per-target metrics at 0.5 (macro means for several targets), over the
+    whole validation set (under DDP each rank predicts a shard; the shards are gathered)."""
+    n = len(loader.dataset)
+    logits, labels, mask = (distributed.gather_rows(a, n) for a in predict_logits(model, loader, s))
+    if not np.isfinite(logits).all():  # finite training loss, yet the weights blew up (BatchNorm stats)
+        where = f" after epoch {epoch}" if epoch is not None else ""
+        raise ChexopsError(f"validation outputs are not finite{where}: the model diverged; the best "
+                           f"weights so far are kept; lower the round's lr or use a larger batch")
+    loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
+    probs = s.probs(logits)
+    report = multi_target_metrics(labels, probs, targets, mask)
+    per = list(report["targets"].values())
+    mean = {k: float(np.mean([m[k] for m in per])) for k in ("precision", "recall", "error_rate")}
+    return {"valid_loss": float(loss), "auroc": report["mean_auroc"], **mean,
+            "targets": report["targets"]}
+
+
+def check_valid_split(valid: ArraySet, targets: tuple[str, ...]) -> None:
+    """AUROC (the selection metric) needs both classes of every target in the validation split."""
+    if len(valid) == 0:
+        raise ChexopsError("the validation split is empty: AUROC is undefined; "
+                           "check the clean stage's filters (views, sex, age)")
+    for j, t in enumerate(targets):
+        y = valid.labels[valid.mask[:, j], j]
+        if len(np.unique(y)) < 2:
+            kind = "no labelled" if len(y) == 0 else ("only positive" if y[0] == 1 else
+                                                        "only negative")
+            raise ChexopsError(f"the validation split has {kind} {t} cases: AUROC is undefined, "
+                               f"so no epoch can be chosen; use a validation split with both "
+                               f"classes")
+
+
+# ---------------------------------------------------------------- batch size
+
+def _fits(model: nn.Module, batch: int, size: int, n_out: int, s: Settings) -> bool:
+    try:
+        images = torch.zeros(batch, size, size, dtype=torch.uint8)
+        labels = torch.zeros(batch, n_out)
+        accumulate_grads(model, images, labels, labels.bool(), batch, s, over_ranks=False)
+        return True
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def auto_batch_size(model: nn.Module, image_size: int, n_out: int, s: Settings,
+                    n_items: int) -> int:
+    """Largest power-of-two batch whose forward/backward fits on the GPU (on a copy of the model,
+    so BatchNorm statistics are untouched); CPU_AUTO_BATCH on the CPU."""
+    if s.device.type != "cuda":
+        return min(CPU_AUTO_BATCH, max(MIN_MICRO_BATCH, n_items))
+    probe = copy.deepcopy(model).train()
+    batch = AUTO_BATCH_START
+    while batch > MIN_MICRO_BATCH and (batch > n_items or not _fits(probe, batch, image_size,
+                                                                      n_out, s)):
+        batch //= 2
+    del probe
+    torch.cuda.empty_cache()
+    return batch
+
+
+# ---------------------------------------------------------------- the round
+
+def make_optimizer(model: ChexNet, lr: float | tuple[float, ...], wd: float,
+                   moms: tuple[float, float]) -> tuple[torch.optim.AdamW, list[float]]:
+    """AdamW with one param group per layer group (true weight decay, as fastai's AdamW)."""
+    groups = layer_groups(model)
+    peaks = discriminative_lrs(lr, len(groups))
+    optimizer = torch.optim.AdamW([{"params": g, "lr": p} for g, p in zip(groups, peaks)],
+                                  lr=peaks[-1], betas=(moms[0], 0.99), eps=1e-5, weight_decay=wd)
+    return optimizer, peaks
+
+
+def _history_row(epoch: int, train_loss: float, val: dict[str, Any], lr: float) -> dict[str, Any]:
+    return {"epoch": epoch, "train_loss": train_loss, "valid_loss": val["valid_loss"],
+            "auroc": val["auroc"], "precision": val["precision"], "recall": val["recall"],
+            "error_rate": val["error_rate"], "lr": lr}
+
+
+def _improves(auroc: float | None, best: float | None) -> bool:
+    """Strictly better (the first of equal epochs is kept, as fastai's SaveModelCallback)."""
+    return auroc is not None and np.isfinite(auroc) and (best is None or auroc > best)
+
+
+@dataclass
+class _Loop:
+    """The live objects of a round, so resume and checkpointing touch one place."""
+    model: ChexNet
+    optimizer: torch.optim.AdamW
+    schedule: OneCycle
+    generator: torch.Generator
+    state: EpochState
+    batch_size: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def checkpoint(self, epoch: int, fp: str, run_id: str | None,
+                   lr_found: float | None = None) -> dict[str, Any]:
+        return {"fingerprint": fp, "epoch": epoch, "run_id": run_id,
+                "lr_found": None if lr_found is None else float(lr_found),
+                "model": state_to_save(self.model), "optimizer": self.optimizer.state_dict(),
+                "step": self.state.step, "micro_batch": self.state.micro,
+                "batch_size": self.batch_size, "rng": ckpt.rng_state(self.generator),
+                "history": self.history, "best_score": self.best_score,
+                "best_epoch": self.best_epoch, "best_metrics": self.best_metrics,
+                "best_state": self.best_state}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = EpochState(saved["step"], saved["micro_batch"])
+        ckpt.set_rng_state(saved["rng"], self.generator)
+        self.history = list(saved["history"])
+        self.best_score, self.best_epoch = saved["best_score"], saved["best_epoch"]
+        self.best_metrics, self.best_state = saved["best_metrics"], saved["best_state"]
+
+
+def _resolve_batch(plan: RoundPlan, model: ChexNet, s: Settings, n_items: int,
+                   saved: dict[str, Any] | None) -> int:
+    if saved is not None:
+        return int(saved["batch_size"])
+    bs = plan.train.batch_size
+    if bs == "auto":
+        bs = auto_batch_size(model, plan.train.image_size, len(plan.targets), s, n_items)
+        if s.device.type == "cuda":  # the probe found a per-GPU batch; the global one is W x
+            bs = distributed.min_over_ranks(bs, s.device) * distributed.world_size()
+        print(f"chexops: batch_size auto -> {bs} on {s.device}", file=sys.stderr)
+    return int(bs)
+
+
+def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, s: Settings,
+             saved: dict[str, Any] | None) -> tuple[_Loop, Any, Any, int]:
+    """Model on the device (frozen as asked), seeded loaders, AdamW and its one-cycle."""
+    model.to(s.device)
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)
+    freeze_body(model, plan.freeze)
+    batch_size = _resolve_batch(plan, model, s, len(train), saved)
+    generator = torch.Generator().manual_seed(plan.seed)
+    pin = s.device.type == "cuda"
+    local = distributed.per_rank_batch(batch_size)  # batch_size is the effective batch
+    train_dl = make_loader(train, local, True, generator, plan.runtime.workers, pin,
+                           lambda ds: distributed.train_sampler(ds, plan.seed))
+    valid_dl = make_loader(valid, local, False, None, plan.runtime.workers, pin,
+                           distributed.eval_sampler)
+    n_batches = min(len(train_dl), plan.train.max_batches or len(train_dl))
+    if n_batches == 0:
+        raise ChexopsError("the training split is empty; check the clean and resample stages")
+    optimizer, peaks = make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms)
+    schedule = OneCycle(optimizer, peaks, plan.epochs * n_batches, plan.train.pct_start,
+                        plan.train.div, plan.train.final_div, tuple(plan.train.moms))
+    # the micro-batch is per rank: it starts at this rank's share of the effective batch
+    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, local), batch_size)
+    return loop, train_dl, valid_dl, n_batches
+
+
+def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
+            metadata: dict[str, str] | None) -> int:
+    """Restore the loop from a checkpoint; returns the first epoch still to run."""
+    loop.restore(saved)
+    # a checkpoint from a run with fewer ranks may hold a micro-batch above this rank's share
+    loop.state.micro = min(loop.state.micro, distributed.per_rank_batch(loop.batch_size))
+    if not distributed.is_main():
+        return saved["epoch"] + 1
+    if loop.best_state is not None:  # DVC removes a stage's outputs before re-running it
+        save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(loop.best_epoch)})
+    print(f"chexops: resuming after epoch {saved['epoch']} from its checkpoint", file=sys.stderr)
+    return saved["epoch"] + 1
+
+
+def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan,
+                out_path: str | Path, device: torch.device | str = "cpu",
+                checkpoint_path: str | Path | None = None, fingerprint: str = "",
+                run_id: str | None = None,
+                on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                weights_metadata: dict[str, str] | None = None,
+                lr_found: float | None = None) -> RoundResult:
+    """Train `plan.epochs` epochs; the best epoch by validation AUROC is written to out_path
+    (only when an epoch improves). With checkpoint_path, every epoch is checkpointed and a
+    checkpoint with the same fingerprint is resumed; a finished round deletes it.
+
+    on_epoch_end(row) runs on rank 0 after the epoch's checkpoint is saved; a resumed round
+    reports the checkpoint's last epoch again, since a kill may have come between the two, so the
+    callback must be idempotent per epoch (at-least-once). lr_found (the LR range test's choice
+    under `lr: auto`) is stored in the checkpoint for the resume to reuse."""
+    from chexops.runtime import seed_everything
+
+    check_valid_split(valid, plan.targets)
+    s = with_recipe(resolve_settings(plan.runtime, plan.train, torch.device(device)), plan)
+    seed_everything(plan.seed)
+    main = distributed.is_main()  # only rank 0 reads and writes files; the others follow it
+    saved = ckpt.load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path and main else None
+    saved = distributed.broadcast_object(saved)
+    loop, train_dl, valid_dl, n_batches = _prepare(model, train, valid, plan, s, saved)
+    start = _resume(loop, saved, out_path, weights_metadata) if saved is not None else 1
+    if saved is not None and main and on_epoch_end is not None and loop.history:
+        on_epoch_end(loop.history[-1])
+    net = distributed.wrap_model(model, s.device)
+    compiled = torch.compile(net) if plan.runtime.compile else net
+    for epoch in range(start, plan.epochs + 1):
+        row = _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
+                         weights_metadata)
+        if not main:
+            continue
+        if checkpoint_path:  # first the checkpoint, then the epoch's report (MLflow)
+            ckpt.save_checkpoint(checkpoint_path,
+                                 loop.checkpoint(epoch, fingerprint, run_id, lr_found))
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    if loop.best_state is None:
+        raise ChexopsError("no epoch had a defined validation AUROC; check the validation split")
+    if checkpoint_path and main:
+        ckpt.remove_checkpoint(checkpoint_path)
+    return RoundResult(loop.history, loop.best_epoch, loop.best_metrics, loop.batch_size,
+                       loop.state.micro, start - 1 if saved is not None else None)
+
+
+def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, plan: RoundPlan,
+               epoch: int, n_batches: int, out_path: str | Path,
+               metadata: dict[str, str] | None) -> dict[str, Any]:
+    distributed.set_epoch(train_dl, epoch)  # the epoch's permutation: seed + epoch
+    train_loss = train_one_epoch(model, train_dl, loop.optimizer, loop.schedule, loop.state, s,
+                                 epoch, n_batches)
+    train_loss = float(distributed.mean_over_ranks(
+        torch.tensor(train_loss, dtype=torch.float64, device=s.device)))
+    distributed.average_buffers(loop.model)  # one BatchNorm state on every rank
+    val = validate(model, valid_dl, s, plan.targets, epoch)
+    lr = loop.optimizer.param_groups[-1]["lr"]
+    row = _history_row(epoch, train_loss, val, lr)
+    loop.history.append(row)
+    if _improves(val["auroc"], loop.best_score):
+        loop.best_score, loop.best_epoch = val["auroc"], epoch
+        loop.best_metrics = {**{k: row[k] for k in HISTORY_KEYS}, "targets": val["targets"]}
+        loop.best_state = state_to_save(loop.model)
+        if distributed.is_main():
+            save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
+    if distributed.is_main():
+        print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
+              f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
+    return row
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
