@@ -25,6 +25,7 @@ test: setup lint
 
 lint: setup
 	$(BIN)/ruff check src benchmarks
+	$(BIN)/mypy
 
 test-fast: setup
 	$(RUN) $(BIN)/python -m pytest -q -m "not slow"

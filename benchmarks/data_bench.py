@@ -1,4 +1,4 @@
-"""Data benchmark (issue 2): synthetic generation speed, and clean + resample time and memory.
+"""Data benchmark: synthetic generation speed, and clean + resample time and memory.
 
     python benchmarks/data_bench.py                   # small: a few seconds
     python benchmarks/data_bench.py --scale chexpert  # 223,414 + 234 rows with images (minutes)

@@ -1,4 +1,4 @@
-"""Loader benchmark (issue 4): batches from the decoded-image cache (load_image_array, memory-mapped,
+"""Loader benchmark: batches from the decoded-image cache (load_image_array, memory-mapped,
 + chexops.data.batches) against decoding each JPEG out of the zip with PIL per item (what a plain
 torchvision-style Dataset does), on the same cores, same batch size, same output (uint8 batches).
 

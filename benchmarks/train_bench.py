@@ -1,4 +1,4 @@
-"""Training-loop benchmark (issue 4): our train_one_epoch against a bare timm
+"""Training-loop benchmark: our train_one_epoch against a bare timm
 forward/backward/step loop on the same model, batches and data, side by side in one run;
 CPU images/s for the default (64 px) and reduced (32 px) profiles; on CUDA, DenseNet121 at
 320 px with bf16 autocast and channels_last.

@@ -55,6 +55,7 @@ def test_exponent_without_dot_is_a_number():
     ("resample.strategy", "smote", "must be none, oversample or undersample"),
     ("train.batch_size", "big", "train.batch_size"),
     ("runtime.threads", 1.5, "expected a whole number"),
+    ("runtime.channels_last", "yes please", "runtime.channels_last: 'yes please' must be auto, on or off"),
     # data
     ("data.sha256", "abc123", "data.sha256: 'abc123' is not a sha256 (64 hex digits)"),
     ("data.sha256", "g" * 64, "is not a sha256 (64 hex digits); copy it from `sha256sum`"),

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from chexops.data import images
-from chexops.data.images import (check_images, check_member_path, image_store, load_image_array,
-                                 open_zip_images)
+from chexops.data.images import ZipImages, check_images, check_member_path, image_store, load_image_array
 from chexops.errors import ChexopsError
 from tests.helpers import chexpert_rows, jpeg_bytes, write_chexpert_zip
 
@@ -31,7 +30,7 @@ def test_check_member_path_accepts_relative_and_checks_root():
 
 def test_zip_images_reads_greyscale_and_knows_its_root(tiny_chexpert_zip):
     train, _ = chexpert_rows()
-    with open_zip_images(tiny_chexpert_zip) as zi:
+    with ZipImages(tiny_chexpert_zip) as zi:
         img = zi.read(train["Path"][0])
         assert zi.root == "CheXpert-v1.0-small"
     assert img.dtype == np.uint8 and img.shape == (40, 32)
@@ -226,7 +225,7 @@ def truncated_zip(tmp_path):
 def test_truncated_jpeg_passes_the_header_check_but_reads_as_a_one_line_error(tmp_path):
     z, victim, _ = truncated_zip(tmp_path)
     assert check_images(z, [victim]) == []            # the fast check cannot see it
-    with open_zip_images(z) as zi:
+    with ZipImages(z) as zi:
         for size in (None, 16):
             with pytest.raises(ChexopsError) as info:
                 zi.read(victim, size)
@@ -255,7 +254,7 @@ def test_truncated_jpeg_stops_the_image_cache_marking_it_unfilled(tmp_path, work
 def test_garbage_member_is_a_chexops_error_too(tmp_path):
     train, valid = chexpert_rows()
     z = write_chexpert_zip(tmp_path / "c.zip", train, valid, corrupt_images=(train["Path"][1],))
-    with open_zip_images(z) as zi, pytest.raises(ChexopsError, match="UnidentifiedImageError"):
+    with ZipImages(z) as zi, pytest.raises(ChexopsError, match="UnidentifiedImageError"):
         zi.read(train["Path"][1])
 
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from chexops import paths
 
-from chexops.commands import lr_find as lr_find_command
 from chexops.training import lr_finder as lr_find
 from chexops.config import LRFindConfig
 from chexops.errors import ChexopsError
@@ -52,7 +51,7 @@ def test_range_test_explores_exponentially_and_leaves_the_model():
 
 
 def test_range_test_stops_when_the_smoothed_loss_passes_four_times_its_minimum(monkeypatch):
-    import chexops.training.loop as train_mod
+    import chexops.training.step as train_mod
 
     curve = iter([1.0] * 10 + list(np.linspace(1.0, 0.2, 20)) + [0.2 * 3 ** i for i in range(1, 30)])
     monkeypatch.setattr(train_mod, "accumulate_grads",

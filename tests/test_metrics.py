@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chexops.evaluation.metrics import binary_metrics, multi_target_metrics, pr_points, roc_points
+from chexops.evaluation.metrics import binary_metrics, multi_target_metrics
 
 
 def test_binary_metrics_known_values():
@@ -40,13 +40,3 @@ def test_multi_target_masks_and_macro_mean():
     assert out["targets"]["B"]["n"] == 3          # the masked row is left out
     assert out["targets"]["B"]["auroc"] == 1.0
     assert out["mean_auroc"] == 1.0
-
-
-def test_curves():
-    y, p = [0, 1, 0, 1], [0.1, 0.8, 0.4, 0.35]
-    roc = roc_points(y, p)
-    assert list(roc.columns) == ["fpr", "tpr", "threshold"]
-    assert roc["fpr"].iloc[0] == 0 and roc["tpr"].iloc[-1] == 1 and roc["threshold"].max() <= 1
-    pr = pr_points(y, p)
-    assert list(pr.columns) == ["recall", "precision", "threshold"] and len(pr) > 1
-    assert roc_points([0, 0], [0.1, 0.2]).empty and pr_points([0, 0], [0.1, 0.2]).empty

@@ -10,7 +10,8 @@ from torch import nn
 
 from chexops.config import ModelConfig
 from chexops.errors import ChexopsError
-from chexops.model.network import (build_model, freeze_body, layer_groups, load_weights, save_weights)
+from chexops.model.network import build_model, freeze_body, layer_groups
+from chexops.model.weights import load_weights, save_weights
 
 torch.set_num_threads(1)
 

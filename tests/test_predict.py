@@ -193,7 +193,8 @@ def test_multiclass_weights_give_sigmoid_of_pos_minus_neg(tmp_path):
 
 
 def test_weights_without_coding_are_binary_and_a_wrong_coding_is_refused(tmp_path):
-    from chexops.model.network import build_model, save_weights
+    from chexops.model.network import build_model
+    from chexops.model.weights import save_weights
 
     params = tiny_params(tmp_path)
     assert inference_predictor.predictor_from_weights(tiny_weights(tmp_path, params), params).coding.kinds \

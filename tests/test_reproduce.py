@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from chexops.tracking import remote
-
 from chexops.commands import reproduce
 from chexops.errors import ChexopsError
+from chexops.tracking import dvcfiles, remote, sourcedata, trials, workspace
+from chexops.tracking import verdict as tracking_verdict
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
 from tests.processes import run_group
 
@@ -59,54 +59,55 @@ def store(tmp_path_factory):
 
 def test_find_trial_by_run_id_stage_run_and_experiment_name(store):
     client, trial = store["client"], store["trial"]
-    assert reproduce.find_trial_run(client, trial, "s").info.run_id == trial
-    assert reproduce.find_trial_run(client, store["round1"], "s").info.run_id == trial
-    assert reproduce.find_trial_run(client, "lr-small", "s").info.run_id == trial
+    assert trials.find_trial_run(client, trial, "s").info.run_id == trial
+    assert trials.find_trial_run(client, store["round1"], "s").info.run_id == trial
+    assert trials.find_trial_run(client, "lr-small", "s").info.run_id == trial
 
 
 def test_unknown_run_and_non_trial_run_are_refused(store):
     with pytest.raises(ChexopsError, match=r"no trial run or DVC experiment named 'nope' in "
                                            r"the tracking store S; find the id"):
-        reproduce.find_trial_run(store["client"], "nope", "S")
+        trials.find_trial_run(store["client"], "nope", "S")
     with pytest.raises(ChexopsError, match="is not a chexops trial run"):
-        reproduce.find_trial_run(store["client"], store["lone"], "S")
+        trials.find_trial_run(store["client"], store["lone"], "S")
 
 
 def test_load_trial_collects_children_links_and_data_md5s(store):
-    t = reproduce.load_trial(store["client"], "lr-small", "s")
+    t = trials.load_trial(store["client"], "lr-small", "s")
     assert t.stage_runs == {"evaluate": store["evaluate"], "train-round-1": store["round1"],
                             "download": store["cached"]}
     assert t.data_md5s == {"data/raw": "d" * 32 + ".dir"}
 
 
 def test_restored_params_come_from_the_evaluate_run_and_match_logged_params(store):
-    t = reproduce.load_trial(store["client"], store["trial"], "s")
-    raw = reproduce.restored_params(store["client"], t)
+    t = trials.load_trial(store["client"], store["trial"], "s")
+    raw = trials.restored_params(store["client"], t)
     assert raw == {"seed": 42, "rounds": {"r2": {"lr": [0.0001, 0.001]}}}
-    assert reproduce.params_mismatch(raw, t) == []
-    assert reproduce.params_mismatch({**raw, "seed": 7}, t) == ["seed"]
+    assert trials.params_mismatch(raw, t) == []
+    assert trials.params_mismatch({**raw, "seed": 7}, t) == ["seed"]
 
 
-def trial_with(tags: dict) -> reproduce.Trial:
-    return reproduce.Trial("r" * 32, "t", {"git.commit": "c" * 40, **tags}, {}, {})
+def trial_with(tags: dict) -> trials.Trial:
+    return trials.Trial("r" * 32, "t", {"git.commit": "c" * 40, **tags}, {}, {})
 
 
 def test_dirty_tree_warning_names_what_cannot_be_restored():
-    assert reproduce.code_warning(trial_with({"git.dirty": "False"})) is None
+    assert trials.code_warning(trial_with({"git.dirty": "False"})) is None
     # `dvc exp run -S` changes only params.yaml, which reproduce restores from the run
-    assert reproduce.code_warning(trial_with({"git.dirty": "True",
-                                              "git.changed": "params.yaml"})) is None
-    msg = reproduce.code_warning(trial_with({"git.dirty": "True",
-                                             "git.changed": "params.yaml, src/chexops/training/loop.py"}))
+    assert trials.code_warning(trial_with({"git.dirty": "True",
+                                           "git.changed": "params.yaml"})) is None
+    msg = trials.code_warning(trial_with({"git.dirty": "True",
+                                          "git.changed": "params.yaml, src/chexops/training/loop.py"}))
     assert "dirty git tree" in msg and "src/chexops/training/loop.py" in msg
     assert "params.yaml" not in msg.split("changes to")[1].split(" were")[0]
-    assert "unknown files" in reproduce.code_warning(trial_with({"git.dirty": "True"}))
+    assert "unknown files" in trials.code_warning(trial_with({"git.dirty": "True"}))
 
 
 # ---------------------------------------------------------------- the verdict
 
 def verdict(old_m, new_m, old_w=None, new_w=None, old_d=None, new_d=None, tol=0.01):
-    return reproduce.compare(old_m, new_m, old_w or {}, new_w or {}, old_d or {}, new_d or {}, tol)
+    return tracking_verdict.compare(old_m, new_m, old_w or {}, new_w or {}, old_d or {}, new_d or {},
+                                    tol)
 
 
 def test_verdicts_identical_within_tolerance_and_different():
@@ -148,7 +149,7 @@ def test_tensor_hash_ignores_file_metadata_but_not_values(tmp_path):
     save_file(t, str(tmp_path / "a.safetensors"), metadata={"run": "1"})
     save_file(t, str(tmp_path / "b.safetensors"), metadata={"run": "2"})
     save_file({**t, "b": torch.tensor([0.0, 1e-7])}, str(tmp_path / "c.safetensors"))
-    a, b, c = (reproduce.tensor_hash(tmp_path / f"{n}.safetensors") for n in "abc")
+    a, b, c = (tracking_verdict.tensor_hash(tmp_path / f"{n}.safetensors") for n in "abc")
     assert a == b != c
 
 
@@ -214,7 +215,7 @@ def test_dir_differences_names_the_changed_file(tmp_path):
     ("something else entirely", "run the dvc command by hand"),
 ])
 def test_dvc_errors_become_one_line_with_a_fix(output, expected):
-    msg = remote.explain_dvc_error(output, "team")
+    msg = str(remote.classify_dvc_error(output, "team"))
     assert expected in msg and ";" in msg and "\n" not in msg
 
 
@@ -397,7 +398,7 @@ def toy_repo(tmp_path: Path, source: Path) -> tuple[Path, str, str]:
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "toy"], repo, env)
     commit = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
-    return repo, commit, reproduce.lock_md5s(repo)["data/raw"]
+    return repo, commit, dvcfiles.lock_outs(repo)["data/raw"]
 
 
 def test_workspace_restores_source_data_from_cache_or_rederives_it_or_refuses(tmp_path):
@@ -406,29 +407,29 @@ def test_workspace_restores_source_data_from_cache_or_rederives_it_or_refuses(tm
     repo, commit, md5 = toy_repo(tmp_path, source)
     trial = trial_with({"data.md5.data/raw": md5})
     env = pipeline_env()
-    assert reproduce.source_stages(repo) == {"download": ["data/raw"]}
+    assert dvcfiles.source_stages(repo) == {"download": ["data/raw"]}
 
     ws = tmp_path / "ws1"
-    reproduce.make_workspace(repo, commit, ws)
-    cache = reproduce.share_dvc_config(repo, ws)
+    workspace.make_workspace(repo, commit, ws)
+    cache = workspace.share_dvc_config(repo, ws)
     assert cache == remote.cache_dir(repo) and remote.in_cache(cache, md5)
-    assert reproduce.restore_data(ws, trial, cache, env, str(source)) == {"data/raw": "DVC cache"}
+    assert sourcedata.restore_data(ws, trial, cache, env, str(source)) == {"data/raw": "DVC cache"}
     assert (ws / "data/raw/chexpert.zip").read_bytes() == b"original images"
 
     shutil.rmtree(cache)  # a teammate without the cache and without a remote
     ws2 = tmp_path / "ws2"
-    reproduce.make_workspace(repo, commit, ws2)
-    reproduce.share_dvc_config(repo, ws2)
-    how = reproduce.restore_data(ws2, trial, cache, env, str(source))
+    workspace.make_workspace(repo, commit, ws2)
+    workspace.share_dvc_config(repo, ws2)
+    how = sourcedata.restore_data(ws2, trial, cache, env, str(source))
     assert how == {"data/raw": "re-derived by download, same md5"}
 
     shutil.rmtree(cache)
     source.write_bytes(b"original images, one changed")
     ws3 = tmp_path / "ws3"
-    reproduce.make_workspace(repo, commit, ws3)
-    reproduce.share_dvc_config(repo, ws3)
+    workspace.make_workspace(repo, commit, ws3)
+    workspace.share_dvc_config(repo, ws3)
     with pytest.raises(ChexopsError) as err:
-        reproduce.restore_data(ws3, trial, cache, env, str(source))
+        sourcedata.restore_data(ws3, trial, cache, env, str(source))
     msg = str(err.value)
     assert msg.startswith(f"data/raw: the data differs from the trial's")
     assert md5 in msg and str(source) in msg and "no DVC remote is configured" in msg
@@ -444,7 +445,7 @@ def test_rerun_forces_every_stage_below_the_source_and_not_the_source(tmp_path):
     repo, commit, md5 = toy_repo(tmp_path, source)
     source.unlink()  # the source stage must not run again
     (repo / "clean.bin").unlink()
-    reproduce.rerun(repo, pipeline_env())
+    workspace.rerun(repo, pipeline_env())
     assert (repo / "clean.bin").read_bytes() == b"x"
 
 
@@ -454,7 +455,7 @@ def test_unknown_commit_is_refused(tmp_path):
     repo, _, _ = toy_repo(tmp_path, source)
     with pytest.raises(ChexopsError, match=r"commit 0123456789ab of the trial is not in .*; "
                                            r"`git fetch` the branch"):
-        reproduce.make_workspace(repo, "0123456789ab" * 3 + "0123", tmp_path / "ws")
+        workspace.make_workspace(repo, "0123456789ab" * 3 + "0123", tmp_path / "ws")
     assert not (tmp_path / "ws").exists()
 
 
@@ -487,9 +488,9 @@ def test_workspace_reaches_the_relative_default_remote_of_the_original_repo(tmp_
     trial = trial_with({"data.md5.data/raw": md5})
 
     ws = tmp_path / "work" / "deeper" / "ws"  # not a sibling: the relative url would differ
-    reproduce.make_workspace(repo, commit, ws)
+    workspace.make_workspace(repo, commit, ws)
     assert remote_list(ws)["local"] != str(tmp_path / "store")  # the defect, without the fix
-    cache = reproduce.share_dvc_config(repo, ws)
+    cache = workspace.share_dvc_config(repo, ws)
     assert remote_list(ws) == remote_list(repo) == {"local": str(tmp_path / "store"),
                                                     "mine": str(tmp_path / "mine")}
     assert remote.default_remote(ws) == "local"
@@ -497,7 +498,7 @@ def test_workspace_reaches_the_relative_default_remote_of_the_original_repo(tmp_
 
     shutil.rmtree(cache)  # not in the cache: it must come from the remote, not be re-derived
     source.unlink()
-    assert reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source)) == \
+    assert sourcedata.restore_data(ws, trial, cache, pipeline_env(), str(source)) == \
         {"data/raw": "DVC remote local"}
     assert (ws / "data/raw/chexpert.zip").read_bytes() == b"original images"
     assert "re-deriving" not in capfd.readouterr().err
@@ -512,11 +513,11 @@ def test_rederive_message_states_why_the_remote_did_not_help(tmp_path, capfd):
     run(["git", "commit", "-q", "-am", "remote"], repo, pipeline_env())
     commit = run(["git", "rev-parse", "HEAD"], repo, pipeline_env()).stdout.strip()
     ws = tmp_path / "work" / "ws"
-    reproduce.make_workspace(repo, commit, ws)
-    cache = reproduce.share_dvc_config(repo, ws)
+    workspace.make_workspace(repo, commit, ws)
+    cache = workspace.share_dvc_config(repo, ws)
     shutil.rmtree(cache)
-    how = reproduce.restore_data(ws, trial_with({"data.md5.data/raw": md5}), cache,
-                                 pipeline_env(), str(source))
+    how = sourcedata.restore_data(ws, trial_with({"data.md5.data/raw": md5}), cache,
+                                  pipeline_env(), str(source))
     assert how == {"data/raw": "re-derived by download, same md5"}
     err = capfd.readouterr().err
     assert ("reproduce: data/raw is not in the DVC cache and not had from the DVC remote (the "
@@ -543,17 +544,17 @@ def test_unreachable_remote_is_refused_unless_rederive(tmp_path, monkeypatch, ca
     commit = run(["git", "rev-parse", "HEAD"], repo, pipeline_env()).stdout.strip()
     trial = trial_with({"data.md5.data/raw": md5})
     ws = tmp_path / "work" / "ws"
-    reproduce.make_workspace(repo, commit, ws)
-    cache = reproduce.share_dvc_config(repo, ws)
+    workspace.make_workspace(repo, commit, ws)
+    cache = workspace.share_dvc_config(repo, ws)
     shutil.rmtree(cache)
     with pytest.raises(ChexopsError) as err:
-        reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source))
+        sourcedata.restore_data(ws, trial, cache, pipeline_env(), str(source))
     assert str(err.value) == (
         "data/raw: it is not in the DVC cache and the DVC remote team is unreachable (check its "
         "URL/endpointurl (`dvc remote list`) and the network); or pass --rederive to re-derive "
         f"it with stage download from data.source {str(source)!r} (its md5 is still checked)")
     assert not (ws / "data/raw").exists() and "re-deriving" not in capfd.readouterr().err
-    how = reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
+    how = sourcedata.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
     assert how == {"data/raw": "re-derived by download, same md5"}
     err_text = capfd.readouterr().err
     assert ("reproduce: data/raw is not in the DVC cache and not had from the DVC remote (the DVC "
@@ -578,15 +579,15 @@ def test_rejected_credentials_are_refused_and_the_cause_is_redacted(tmp_path, mo
     monkeypatch.setattr(remote, "default_remote", lambda root: "team")
     monkeypatch.setattr(remote, "fetch_object", rejected)
     ws = tmp_path / "work" / "ws"
-    reproduce.make_workspace(repo, commit, ws)
-    cache = reproduce.share_dvc_config(repo, ws)
+    workspace.make_workspace(repo, commit, ws)
+    cache = workspace.share_dvc_config(repo, ws)
     shutil.rmtree(cache)
     trial = trial_with({"data.md5.data/raw": md5})
     with pytest.raises(ChexopsError, match=r"^data/raw: it is not in the DVC cache and the DVC "
                                            r"remote team rejected the credentials \(set them with "
                                            r"`dvc remote modify --local team access_key_id"):
-        reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source))
-    reproduce.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
+        sourcedata.restore_data(ws, trial, cache, pipeline_env(), str(source))
+    sourcedata.restore_data(ws, trial, cache, pipeline_env(), str(source), rederive=True)
     err = capfd.readouterr().err
     assert "(the DVC remote team rejected the credentials; set them with" in err
     assert "s3cretvalue" not in err and "AKIA" not in err
@@ -618,7 +619,7 @@ def test_unexpected_failure_is_one_line_naming_the_step_and_leaves_nothing(tmp_p
         raise MlflowException("API request to http://alice:s3cret@mlflow.example/api failed\n"
                               "Traceback (most recent call last): ...")
 
-    monkeypatch.setattr(reproduce, "rerun", fails)
+    monkeypatch.setattr(workspace, "rerun", fails)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     work = tmp_path / "work"
     work.mkdir()
@@ -668,27 +669,27 @@ def test_experiment_is_restored_from_its_own_commit_else_from_the_baseline(tmp_p
     exp_commit = run(["git", "rev-parse", ref], repo, pipeline_env()).stdout.strip()
     tags = {"git.commit": baseline, "dvc.exp_name": "toy-exp", "git.dirty": "True",
             "git.changed": "code.py, params.yaml"}
-    trial = reproduce.Trial("r" * 32, "t", tags, {}, {"seed": "7"})
-    assert reproduce.experiment_ref(trial) == ref
-    assert reproduce.code_commit(repo, trial) == (exp_commit, "toy-exp", None)
-    assert reproduce.code_warning(trial, "toy-exp") is None  # its changes are in that commit
+    trial = trials.Trial("r" * 32, "t", tags, {}, {"seed": "7"})
+    assert workspace.experiment_ref(trial) == ref
+    assert workspace.code_commit(repo, trial) == (exp_commit, "toy-exp", None)
+    assert trials.code_warning(trial, "toy-exp") is None  # its changes are in that commit
     ws = tmp_path / "ws"
-    reproduce.make_workspace(repo, exp_commit, ws)
+    workspace.make_workspace(repo, exp_commit, ws)
     assert (ws / "code.py").read_text() == "v2, uncommitted\n"
     assert yaml.safe_load((ws / "params.yaml").read_text()) == {"seed": 7}
 
     # the experiment was re-run since with other params: not the trial's code, use the baseline
-    other = reproduce.Trial("r" * 32, "t", tags, {}, {"seed": "8"})
-    commit, name, note = reproduce.code_commit(repo, other)
+    other = trials.Trial("r" * 32, "t", tags, {}, {"seed": "8"})
+    commit, name, note = workspace.code_commit(repo, other)
     assert (commit, name) == (baseline, None)
     assert note.startswith(f"DVC experiment 'toy-exp' ({exp_commit[:12]}) has other params than "
                            f"the trial (seed; re-run since?)")
-    assert "code.py" in reproduce.code_warning(other, name)
+    assert "code.py" in trials.code_warning(other, name)
     # not here (never pulled): the baseline, saying how to get it
-    gone = reproduce.Trial("r" * 32, "t", {**tags, "dvc.exp_name": "elsewhere"}, {}, {})
-    commit, name, note = reproduce.code_commit(repo, gone)
+    gone = trials.Trial("r" * 32, "t", {**tags, "dvc.exp_name": "elsewhere"}, {}, {})
+    commit, name, note = workspace.code_commit(repo, gone)
     assert (commit, name) == (baseline, None)
     assert f"no {ref[:-len('toy-exp')]}elsewhere" in note and "`dvc exp pull REMOTE elsewhere`" in note
     # a plain `dvc repro` trial has no experiment
-    plain = reproduce.Trial("r" * 32, "t", {"git.commit": baseline, "dvc.exp_name": "None"}, {}, {})
-    assert reproduce.code_commit(repo, plain) == (baseline, None, None)
+    plain = trials.Trial("r" * 32, "t", {"git.commit": baseline, "dvc.exp_name": "None"}, {}, {})
+    assert workspace.code_commit(repo, plain) == (baseline, None, None)

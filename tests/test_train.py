@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import chexops.training.loop as train_mod
+import chexops.training.step as step_mod
 from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.config import ModelConfig, TrainConfig
 from chexops.errors import ChexopsError
@@ -18,7 +19,8 @@ from chexops.training.schedule import OneCycle, discriminative_lrs
 from chexops.inference.predictor import predict_probs
 from chexops.inference.settings import Settings
 from chexops.model.coding import masked_bce
-from chexops.training.loop import RoundPlan, accumulate_grads, auto_batch_size, train_round
+from chexops.training.loop import RoundPlan, train_round
+from chexops.training.step import accumulate_grads, auto_batch_size
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -90,10 +92,10 @@ def test_discriminative_lrs():
     assert discriminative_lrs([1e-5, 2e-5, 3e-5], 3) == [1e-5, 2e-5, 3e-5]
 
 
-@pytest.mark.parametrize("bad", [[1e-5, 1e-4, 1e-3, 1e-2], [1e-3, 1e-5]])
-def test_lr_range_that_does_not_fit_is_a_clear_error(bad):
-    with pytest.raises(ChexopsError, match=r"lr (range )?\[.*(fit|lo <= hi)"):
-        discriminative_lrs(bad, 3)
+def test_lr_values_that_do_not_fit_the_layer_groups_are_a_clear_error():
+    # a reversed range is refused by config.py (tests/test_config.py), before any model exists
+    with pytest.raises(ChexopsError, match=r"4 values do not fit 3 layer groups"):
+        discriminative_lrs([1e-5, 1e-4, 1e-3, 1e-2], 3)
 
 
 def test_optimizer_groups_get_the_spread():
@@ -352,7 +354,7 @@ def test_auto_batch_size_on_cuda_halves_to_the_largest_batch_that_fits(monkeypat
     """The GPU search, driven on CPU kernels: the probe's forward/backward raises an injected
     out-of-memory above 100 items, so 1024 -> 512 -> ... -> 64 is the answer; the probe runs on a
     copy (BatchNorm statistics untouched) and never exceeds the number of training items."""
-    real = train_mod.accumulate_grads
+    real = step_mod.accumulate_grads
     probed = []
 
     def oom_above_100(model, images, *args, **kwargs):
@@ -361,7 +363,7 @@ def test_auto_batch_size_on_cuda_halves_to_the_largest_batch_that_fits(monkeypat
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, images, *args[:3], Settings(CPU), **kwargs)  # fits: run it on CPU
 
-    monkeypatch.setattr(train_mod, "accumulate_grads", oom_above_100)
+    monkeypatch.setattr(step_mod, "accumulate_grads", oom_above_100)
     cuda_like = Settings(FakeCuda())
     model = new_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -377,7 +379,7 @@ def test_auto_batch_size_does_not_hide_errors_that_are_not_out_of_memory(monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(train_mod, "accumulate_grads", broken)
+    monkeypatch.setattr(step_mod, "accumulate_grads", broken)
     cuda_like = Settings(FakeCuda())
     with pytest.raises(RuntimeError, match="shape mismatch"):
         auto_batch_size(new_model(), 16, 1, cuda_like, 10_000)
@@ -454,7 +456,7 @@ def test_oom_retry_reuses_the_steps_denominator_collective(monkeypatch):
 
     model.register_forward_pre_hook(oom_above_2)
     opt, _ = train_mod.make_optimizer(model, 1e-3, 0.01, (0.95, 0.85))
-    loss, micro = train_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
+    loss, micro = step_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
     assert micro == 2 and sizes == [8, 4, 2, 2, 2, 2] and torch.isfinite(loss)
     assert calls == [8.0]  # one denominator for the step, not one per attempt
 
@@ -475,7 +477,7 @@ def test_another_ranks_oom_makes_this_rank_halve_too(monkeypatch):
     sizes = []
     model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
     opt, _ = train_mod.make_optimizer(model, 1e-3, 0.01, (0.95, 0.85))
-    _, micro = train_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
+    _, micro = step_mod.train_step(model.train(), _batch(8), opt, 8, Settings(CPU))
     assert flags == [False, False] and micro == 4 and sizes == [8, 4, 4]
     assert reduced == [model]  # gradients averaged once, after the agreement
 

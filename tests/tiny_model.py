@@ -27,7 +27,8 @@ def tiny_params(tmp_path: Path, **evaluate):
 def tiny_weights(tmp_path: Path, params, seed: int = 0) -> Path:
     import torch
 
-    from chexops.model.network import build_model, save_weights
+    from chexops.model.network import build_model
+    from chexops.model.weights import save_weights
 
     torch.manual_seed(seed)
     model = build_model(params.model, len(params.targets)).eval()
@@ -54,8 +55,9 @@ def tiny_multiclass_weights(tmp_path: Path, params, seed: int = 0,
     target and metadata coding="multiclass,..." (chexops.model.coding.OutputCoding)."""
     import torch
 
-    from chexops.model.network import build_model, save_weights
     from chexops.model.coding import MULTICLASS, OutputCoding
+    from chexops.model.network import build_model
+    from chexops.model.weights import save_weights
 
     coding = OutputCoding((MULTICLASS,) * len(params.targets))
     torch.manual_seed(seed)

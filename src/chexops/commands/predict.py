@@ -61,7 +61,7 @@ def write_heatmaps(predictor: Predictor, sources: list[Any], frame: pd.DataFrame
     images, _ = decode_all([sources[i] for i in ok], predictor.image_size)
     written: list[Path] = []
     for j, target in enumerate(predictor.targets):
-        cams = (gradcam.gradcam(predictor.model, images, j, predictor.device,
+        cams: Any = (gradcam.gradcam(predictor.model, images, j, predictor.device,
                                 coding=predictor.coding) if ok else [])
         for k, i in enumerate(ok):
             name = f"{Path(str(frame['image'][i])).stem}-{gradcam.slug(target)}.png"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sized
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ def make_loader(data: ArraySet, batch_size: int, shuffle: bool, generator: torch
 
     dataset = ImageDataset(data)
     sampler = sampler_fn(dataset) if sampler_fn is not None else None
-    n = len(sampler) if sampler is not None else len(data)
+    n = len(sampler) if isinstance(sampler, Sized) else len(data)
     drop_last = shuffle and n > batch_size
     return DataLoader(dataset, batch_size=min(batch_size, max(1, n)),
                       shuffle=shuffle and sampler is None, sampler=sampler,

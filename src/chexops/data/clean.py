@@ -22,7 +22,6 @@ from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
 from chexops.errors import ChexopsError
 
 STAGE = "clean"
-KEEP_MINUS_ONE = ("ignore", "multiclass", "selftrained")   # training decides what -1 means
 _PATIENT = re.compile(r"/(patient\d+)/")
 
 

@@ -52,13 +52,14 @@ def decode_image(source: bytes | str | Path, size: int) -> np.ndarray:
         deep = img.mode in DEEP_MODES
         try:
             # 16-bit / float: scaled by its own range to 8 bits first (training sees 8-bit JPEGs)
-            data = _png(_to_grey(img)) if deep else None
+            deep_png = _png(_to_grey(img)) if deep else None
         except (OSError, ValueError, SyntaxError) as exc:
             raise ChexopsError(f"image is truncated or corrupt ({exc.__class__.__name__}); "
                                f"re-export it") from None
-    if data is None:
-        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source)
-    return _training_decode(data, size)
+    if deep_png is not None:
+        return _training_decode(deep_png, size)
+    return _training_decode(bytes(source) if isinstance(source, (bytes, bytearray))
+                            else Path(source), size)
 
 
 def _png(img: Any) -> bytes:

@@ -7,7 +7,6 @@ shared by every round, resample draw and trial over the same data.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -16,9 +15,10 @@ import re
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from chexops import atomic
@@ -53,15 +53,16 @@ def find_root(names: list[str] | set[str]) -> str | None:
     return None
 
 
-def decode(data: bytes | object, size: int | None = None) -> np.ndarray:
-    """Greyscale uint8 pixels; with `size`, squished to size x size (whole thorax kept)."""
+def decode(data: str | Path | IO[bytes], size: int | None = None) -> np.ndarray:
+    """Greyscale uint8 pixels (H, W), from a path or an open binary file; with `size`, squished
+    to (size, size) (the whole thorax kept) with JPEG draft decoding and Lanczos."""
     with Image.open(data) as img:
         if size is not None:
             img.draft("L", (size, size))          # JPEG DCT scaling: much less work
-        img = img.convert("L")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8)
+        grey = img.convert("L")
+        if size is not None and grey.size != (size, size):
+            grey = grey.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(grey, dtype=np.uint8)
 
 
 # What a truncated or corrupt image raises while decoding (UnidentifiedImageError and
@@ -110,10 +111,6 @@ class ZipImages:
         self.close()
 
 
-def open_zip_images(zip_path: str | Path) -> ZipImages:
-    return ZipImages(zip_path)
-
-
 def check_images(zip_path: str | Path, paths: list[str]) -> list[tuple[str, str]]:
     """(path, reason) for every image that is missing or whose header is unreadable.
 
@@ -142,7 +139,8 @@ def check_images(zip_path: str | Path, paths: list[str]) -> list[tuple[str, str]
 #                filled cost no disk
 #   filled.npy   (n_members,) bool: slots whose pixels are written and flushed (replaced atomically,
 #                only after the pixels are on disk, so a crash never marks garbage as filled)
-#   lock         flock'd around creating the store and filling slots (many processes may share it)
+#   lock         an exclusive file lock (filelock) held while creating the store or filling slots:
+#                every other process using the store (DVC queue workers running trials) waits for it
 # The key hashes the zip's central directory (each image member's name, CRC32 and size), the size,
 # DECODER_VERSION and Pillow's version: content-based, cheap, blind to mtime, so every path list
 # (resample draws, seeds, valid in any order), round and trial on the same data shares one store.
@@ -223,22 +221,6 @@ def store_dir(cache_dir: Path, content: str, size: int) -> Path:
 
     key = hashlib.sha256(f"{content}:{size}:{DECODER_VERSION}:{PIL.__version__}".encode())
     return Path(cache_dir) / f"images-v{DECODER_VERSION}-{size}px-{key.hexdigest()[:24]}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (other processes using the store wait)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _save_filled(store: Path, filled: np.ndarray) -> None:
@@ -329,7 +311,7 @@ def _open_store(zip_path: Path, members: list[str], content: str, slots: np.ndar
     filled = _load_filled(store, len(members))
     if filled is None or not filled[slots].all():
         store.mkdir(parents=True, exist_ok=True)
-        with _locked(store / "lock"):
+        with FileLock(store / "lock"):          # waits while another process fills it
             _fill(store, zip_path, members, slots, size, workers)
     return np.load(store / "pixels.npy", mmap_mode="r")
 

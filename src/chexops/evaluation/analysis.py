@@ -1,4 +1,4 @@
-"""The richer evaluation of issue 6, as one call the evaluate stage makes: per target, CIs
+"""The evaluate stage's statistics, as one call: per target, CIs
 (bootstrap + DeLong), the operating point at the target sensitivity, calibration, subgroups,
 and optionally per-study metrics; plus the tables and figures of the HTML report.
 
@@ -42,14 +42,14 @@ def target_analysis(y: np.ndarray, p: np.ndarray, cfg: Any, seed: int) -> dict[s
 
 def analyse(valid: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ...], cfg: Any,
             seed: int) -> Analysis:
-    """Everything issue 6 adds to the evaluate stage, for every target."""
+    """CIs, operating point, calibration, subgroups (and per-study metrics) for every target."""
     probs = np.asarray(probs, dtype=float).reshape(len(valid), len(targets))
     out = Analysis()
     for j, target in enumerate(targets):
         mask, y = _labels(valid, target)
         p = probs[mask, j]
         record = target_analysis(y, p, cfg, seed) if len(y) else {}
-        if getattr(cfg, "per_study", False) and len(y):
+        if cfg.per_study and len(y):
             studies = stats.aggregate_studies(valid["Path"].to_numpy()[mask], y, p)
             record["per_study"] = {"n": int(len(studies)), "n_pos": int(studies.label.sum()),
                                    **stats.delong_auroc(studies.label, studies.prob)}

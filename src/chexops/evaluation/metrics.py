@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 
 def _safe_div(a: float, b: float) -> float:
@@ -32,18 +31,18 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> list[list[int]]:
     return [[int(v) for v in row] for row in cm]
 
 
-def binary_metrics(y_true: Sequence[float], y_prob: Sequence[float],
+def binary_metrics(y_true: Sequence[float] | np.ndarray, y_prob: Sequence[float] | np.ndarray,
                    threshold: float = 0.5) -> dict[str, Any]:
     """auroc, precision, recall, specificity, error_rate, accuracy, confusion, n, n_pos."""
-    y_true = np.asarray(y_true).astype(int).ravel()
-    y_prob = np.asarray(y_prob, dtype=float).ravel()
-    if y_true.shape != y_prob.shape:
-        raise ValueError(f"y_true has {y_true.size} values, y_prob {y_prob.size}")
-    y_pred = (y_prob >= threshold).astype(int)
-    (tn, fp), (fn, tp) = cm = confusion(y_true, y_pred)
-    n = len(y_true)
+    truth = np.asarray(y_true).astype(int).ravel()
+    prob = np.asarray(y_prob, dtype=float).ravel()
+    if truth.shape != prob.shape:
+        raise ValueError(f"y_true has {truth.size} values, y_prob {prob.size}")
+    y_pred = (prob >= threshold).astype(int)
+    (tn, fp), (fn, tp) = cm = confusion(truth, y_pred)
+    n = len(truth)
     return {
-        "auroc": auroc(y_true, y_prob),
+        "auroc": auroc(truth, prob),
         "precision": _safe_div(tp, tp + fp),
         "recall": _safe_div(tp, tp + fn),
         "specificity": _safe_div(tn, tn + fp),
@@ -51,7 +50,7 @@ def binary_metrics(y_true: Sequence[float], y_prob: Sequence[float],
         "accuracy": _safe_div(tp + tn, n),
         "confusion": cm,
         "n": int(n),
-        "n_pos": int(y_true.sum()),
+        "n_pos": int(truth.sum()),
     }
 
 
@@ -67,27 +66,3 @@ def multi_target_metrics(y_true: np.ndarray, y_prob: np.ndarray, targets: Sequen
            for j, t in enumerate(targets)}
     defined = [m["auroc"] for m in per.values() if m["auroc"] is not None]
     return {"targets": per, "mean_auroc": float(np.mean(defined)) if defined else None}
-
-
-def roc_points(y_true: Sequence[float], y_prob: Sequence[float]) -> pd.DataFrame:
-    """ROC curve (fpr, tpr, threshold); empty when one class is missing."""
-    from sklearn.metrics import roc_curve
-
-    y_true = np.asarray(y_true).astype(int).ravel()
-    if len(np.unique(y_true)) < 2:
-        return pd.DataFrame({"fpr": [], "tpr": [], "threshold": []})
-    fpr, tpr, thr = roc_curve(y_true, np.asarray(y_prob, dtype=float).ravel())
-    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
-
-
-def pr_points(y_true: Sequence[float], y_prob: Sequence[float]) -> pd.DataFrame:
-    """Precision-recall curve (recall, precision, threshold); empty without positives.
-    sklearn gives one threshold fewer than points: the last point (recall 0) gets NaN."""
-    from sklearn.metrics import precision_recall_curve
-
-    y_true = np.asarray(y_true).astype(int).ravel()
-    if y_true.sum() == 0:
-        return pd.DataFrame({"recall": [], "precision": [], "threshold": []})
-    precision, recall, thr = precision_recall_curve(y_true, np.asarray(y_prob, dtype=float).ravel())
-    return pd.DataFrame({"recall": recall, "precision": precision,
-                         "threshold": np.append(thr, np.nan)})

@@ -13,6 +13,7 @@ from chexops.paths import image_cache_dir
 
 
 def device_and_threads(params: Params) -> torch.device:
+    """The device runtime params choose, with torch's threads and determinism set for it."""
     from chexops.runtime import configure_torch, resolve_device
 
     configure_torch(params.runtime)
@@ -32,33 +33,27 @@ def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
                   zip_path: str | Path, root: str | Path, tta: int = 0) -> np.ndarray:
     """(N, n_targets) positive probabilities, in the frame's row order (sigmoid, or
     p(pos)/(p(pos)+p(neg)) for U-MultiClass targets); tta > 0 averages over that many
-    augmented views (chexops.inference.tta)."""
+    augmented views (chexops.inference.tta). The network is the one params describe (what the
+    rounds trained), so weights made with other model params raise ChexopsError."""
     import dataclasses
 
     from chexops.data.batches import ArraySet, make_loader
     from chexops.inference.predictor import predict_probs
     from chexops.inference.settings import CPU_AUTO_BATCH, resolve_settings
-    from chexops.model.coding import output_coding
-    from chexops.model.network import build_model, load_weights
+    from chexops.model.weights import load_model, params_recipe
 
     n_targets = len(params.targets)
     if len(df) == 0:
         return np.zeros((0, n_targets))
     device = device_and_threads(params)
-    model_cfg = params.model
-    if model_cfg.pretrained is not False:  # the weights file replaces them anyway
-        import dataclasses
-        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    coding = output_coding(params)
-    model = build_model(model_cfg, coding.n_outputs)
-    load_weights(model, weights_path)
+    model, recipe = load_model(weights_path, recipe=params_recipe(params))
     model.to(device)
     images = load_images(params, df, zip_path, root)
     data = ArraySet.from_labels(images, np.zeros((len(df), n_targets), dtype=np.float32))
     bs = params.train.batch_size if isinstance(params.train.batch_size, int) else CPU_AUTO_BATCH
     loader = make_loader(data, bs, False, None, params.runtime.workers, device.type == "cuda")
     settings = dataclasses.replace(resolve_settings(params.runtime, params.train, device),
-                                   coding=coding)
+                                   coding=recipe.coding)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     if tta > 0:

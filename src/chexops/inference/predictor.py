@@ -1,6 +1,7 @@
 """The one batched predictor: a trained ChexNet with what it needs to read images and its
-outputs (targets, input size, output coding), built from a weights file, and the loops that run
-it over a loader (validation, evaluate) or over decoded images (predict, serving, the teacher).
+outputs (targets, input size, output coding), built from a weights file, and the one batched
+inference loop, `predict_logits`, that runs a model over a loader (validation, evaluate, TTA) or
+over decoded images (predict, serving, the teacher: `image_loader`).
 
 The weights' metadata says how the outputs read (`coding`, chexops.model.coding.OutputCoding):
 one sigmoid logit per binary target, three logits per U-MultiClass target whose positive
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from chexops.config import Params
-from chexops.data.batches import to_input
+from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.data.decode import decode_all
 from chexops.inference.settings import Settings
 
@@ -28,16 +29,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BATCH = 16
 
+# (uint8 images (B, S, S), batch index) -> images; TTA's seeded per-batch views
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader, s: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                                    np.ndarray]:
-    """(logits, labels, mask) over the whole loader, model in eval mode."""
+def predict_logits(model: nn.Module, loader, s: Settings,
+                   augment: Augment | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one batched inference loop: (logits (N, outputs) float32, labels (N, T), mask (N, T)
+    bool) over the whole loader of (uint8 images, labels, mask) batches, in its order, model in
+    eval mode; `augment(images, b)` transforms batch b first (TTA). An empty loader gives
+    (0, 0)-shaped arrays."""
     model.eval()
     outs, labels, masks = [], [], []
-    for images, y, m in loader:
+    for b, (images, y, m) in enumerate(loader):
         with s.autocast():
-            outs.append(model(to_input(images, s.device, s.channels_last)).float().cpu())
+            x = images if augment is None else augment(images, b)
+            outs.append(model(to_input(x, s.device, s.channels_last)).float().cpu())
         labels.append(y)
         masks.append(m)
     if not outs:
@@ -47,21 +55,30 @@ def predict_logits(model: nn.Module, loader, s: Settings) -> tuple[np.ndarray, n
 
 def predict_probs(model: nn.Module, loader, device: torch.device | str,
                   settings: Settings | None = None) -> np.ndarray:
-    """Sigmoid probabilities (N, n_targets) for every item of the loader, in order."""
+    """Positive probabilities (N, n_targets) for every item of the loader, in order (the
+    settings' coding; sigmoid without one)."""
     s = settings or Settings(torch.device(device))
     logits, _, _ = predict_logits(model, loader, s)
     return s.probs(logits)
 
 
+def image_loader(images: np.ndarray, batch: int = BATCH):
+    """uint8 images (N, S, S) as an in-order loader of `batch`-sized (images, labels, mask)
+    batches with no labels (T = 0), for predict_logits."""
+    none = np.zeros((len(images), 0), dtype=np.float32)
+    return make_loader(ArraySet(images, none, none.astype(bool)), batch, False, None)
+
+
 @dataclass
 class Predictor:
     """A trained ChexNet with what it needs to read images and its outputs: targets, input
-    size and output coding (None: one sigmoid logit per target)."""
+    size and output coding (None: one sigmoid logit per target), run `batch` images at a time."""
     model: "ChexNet"
     targets: tuple[str, ...]
     image_size: int
     device: "torch.device"
     coding: "OutputCoding | None" = None
+    batch: int = BATCH
 
     def __post_init__(self) -> None:
         # the same default and length check as weights metadata without / with a coding
@@ -71,19 +88,14 @@ class Predictor:
         self.coding = coding_from_metadata(recorded, self.targets)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, S, S) uint8 -> (N, targets) positive probabilities (the coding's: sigmoid, or
-        sigmoid(z_pos - z_neg) for a U-MultiClass target)."""
-        import torch
-
-        from chexops.data.batches import to_input
-
-        self.model.eval()
-        out = [np.zeros((0, self.coding.n_outputs), dtype=np.float32)]
-        with torch.inference_mode():
-            for i in range(0, len(images), BATCH):
-                x = to_input(torch.from_numpy(np.ascontiguousarray(images[i:i + BATCH])), self.device)
-                out.append(self.model(x).float().cpu().numpy())
-        return self.coding.probs(np.concatenate(out))
+        """(N, S, S) uint8 -> (N, targets) float64 positive probabilities (the coding's:
+        sigmoid, or sigmoid(z_pos - z_neg) for a U-MultiClass target)."""
+        if len(images) == 0:  # predict_logits cannot tell an empty loader's width
+            return np.zeros((0, len(self.targets)))
+        logits, _, _ = predict_logits(self.model, image_loader(images, self.batch),
+                                      Settings(self.device))
+        assert self.coding is not None  # __post_init__ always sets it
+        return self.coding.probs(logits)
 
     def predict(self, sources: list[Any], names: list[str] | None = None) -> pd.DataFrame:
         """One row per source: image, a probability per target (NaN when flagged), error."""
@@ -100,30 +112,14 @@ class Predictor:
         return frame
 
 
-def weights_spec(weights: str | Path, params: "Params") -> tuple[str, tuple[str, ...], "OutputCoding"]:
-    """(arch, targets, output coding) of a weights file: from its metadata when recorded (train
-    rounds write them), else from params (targets) and all-binary (coding)."""
-    from chexops.model.coding import coding_from_metadata
-    from chexops.model.network import weights_metadata
-
-    meta = weights_metadata(weights)
-    targets = tuple(meta["targets"].split(",")) if meta.get("targets") else tuple(params.targets)
-    return meta.get("arch", params.model.arch), targets, coding_from_metadata(meta, targets)
-
-
 def predictor_from_weights(weights: str | Path, params: "Params",
                            device: "torch.device | None" = None) -> Predictor:
-    """A local safetensors file: architecture, targets and output coding from its metadata
-    when recorded (train rounds write them), the head and image size from params."""
-    import dataclasses
+    """A local safetensors file as a Predictor on `device` (default CPU): architecture, targets
+    and output coding from its metadata when recorded (train rounds write them), the head and
+    image size from params. Raises ChexopsError as chexops.model.weights.load_model does."""
+    from chexops.model.weights import load_model
 
-    import torch
-
-    from chexops.model.network import build_model, load_weights
-
-    arch, targets, coding = weights_spec(weights, params)
-    cfg = dataclasses.replace(params.model, arch=arch, pretrained=False)
-    model = build_model(cfg, coding.n_outputs)
-    load_weights(model, weights)
+    model, recipe = load_model(weights, params)
     device = device or torch.device("cpu")
-    return Predictor(model.to(device).eval(), targets, params.train.image_size, device, coding)
+    return Predictor(model.to(device).eval(), recipe.targets, params.train.image_size, device,
+                     recipe.coding)

@@ -25,8 +25,8 @@ class Settings:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     pos_weight: float | None = None
-    coding: Any = None    # issue 5: uncertainty.OutputCoding; None = one sigmoid per target
-    augment: Any = None   # issue 5: augment.Augmenter (images, step) -> images; None = off
+    coding: Any = None    # model.coding.OutputCoding; None = one sigmoid per target
+    augment: Any = None   # data.augment.Augmenter (images, step) -> images; None = off
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
              denom: torch.Tensor | None = None) -> torch.Tensor:

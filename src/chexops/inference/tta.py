@@ -8,35 +8,31 @@ result. Probabilities (not logits) are averaged, as fastai's TTA does.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from chexops.config import AugmentConfig
 from chexops.data.augment import PRESETS, Augmenter, resolve
+from chexops.inference.predictor import predict_logits
+from chexops.inference.settings import Settings
 
 VIEW_STRIDE = 7919   # keeps the views' seeds apart from the training seed
 
 
 def tta_spec(train_augment: AugmentConfig) -> AugmentConfig:
+    """The views' augmentation: the round's own when it is on, else the `light` preset."""
     return resolve(train_augment) or PRESETS["light"]
 
 
-@torch.inference_mode()
-def predict_tta(model: nn.Module, loader, s, n_views: int, spec: AugmentConfig,
+def predict_tta(model: nn.Module, loader, s: Settings, n_views: int, spec: AugmentConfig,
                 seed: int) -> np.ndarray:
-    """(N, targets) probabilities averaged over n_views augmented views (s: train.Settings)."""
-    from chexops.data.batches import to_input
-
+    """(N, targets) positive probabilities averaged over n_views augmented views of the loader's
+    images (s: how to run on the device, with the output coding). Raises ValueError when
+    n_views < 1."""
     if n_views < 1:
         raise ValueError("predict_tta needs n_views >= 1")
-    model.eval()
     views = []
     for v in range(n_views):
         aug = Augmenter(spec, seed + VIEW_STRIDE * (v + 1), s.device)
-        logits = []
-        for b, (images, _, _) in enumerate(loader):
-            with s.autocast():
-                x = to_input(aug(images, b), s.device, s.channels_last)
-                logits.append(model(x).float().cpu())
-        views.append(s.probs(torch.cat(logits).numpy()))
+        logits, _, _ = predict_logits(model, loader, s, augment=aug)
+        views.append(s.probs(logits))
     return np.mean(views, axis=0)

@@ -18,6 +18,7 @@ rebuilds the same head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -146,7 +147,8 @@ def relabel(labels: np.ndarray, mask: np.ndarray, raw: np.ndarray, teacher_probs
     return labels, mask
 
 
-def coding_from_metadata(meta: dict[str, str], targets: tuple[str, ...] | list[str]) -> OutputCoding:
+def coding_from_metadata(meta: Mapping[str, Any],
+                         targets: tuple[str, ...] | list[str]) -> OutputCoding:
     """The output coding a weights file (or a pyfunc config) records under `coding`; all binary
     when it records none (weights written before U-MultiClass). Checked against the targets."""
     coding = (OutputCoding.from_str(str(meta["coding"])) if meta.get("coding")

@@ -1,5 +1,5 @@
 """The network: a timm body with a fastai-style head (or timm's own classifier), its three layer
-groups for discriminative learning rates, freezing, and safetensors weights.
+groups for discriminative learning rates, and freezing (its weights files: chexops.model.weights).
 
 The model is always `ChexNet(body, head)`, so layer groups, freezing and weight files have one
 shape whichever architecture or head is chosen: weight keys are `body.*` and `head.*`.
@@ -11,12 +11,11 @@ import os
 import pickle
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from chexops import atomic
 from chexops.config import ModelConfig
 from chexops.errors import ChexopsError
 
@@ -98,6 +97,7 @@ def _hub_settings(offline: bool) -> Iterator[None]:
     environment and huggingface_hub's constants are restored afterwards, whatever happens."""
     keys = ("HF_HUB_OFFLINE", *HUB_ENV_DEFAULTS)
     saved_env = {k: os.environ.get(k) for k in keys}
+    hub_constants: Any
     try:
         import huggingface_hub.constants as hub_constants
     except ImportError:  # pragma: no cover
@@ -108,8 +108,8 @@ def _hub_settings(offline: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = "1"
             if hub_constants is not None:
                 hub_constants.HF_HUB_OFFLINE = True
-        for k, v in HUB_ENV_DEFAULTS.items():
-            os.environ.setdefault(k, v)
+        for key, default in HUB_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, default)
         yield
     finally:
         for k, v in saved_env.items():
@@ -227,7 +227,7 @@ def build_model(model_cfg: ModelConfig, n_outputs: int,
     if n_outputs < 1:
         raise ChexopsError(f"model: needs at least one output, got {n_outputs}; set targets")
     body = build_body(model_cfg, root)
-    n_features = body.num_features
+    n_features = int(getattr(body, "num_features"))  # every timm body carries its width
     head = (fastai_head(n_features, n_outputs, model_cfg) if model_cfg.head == "fastai"
             else timm_head(n_features, n_outputs))
     return ChexNet(body, head, model_cfg.arch)
@@ -269,55 +269,3 @@ def freeze_body(model: ChexNet, frozen: bool) -> None:
     for p in model.head.parameters():
         p.requires_grad_(True)
 
-
-# ---------------------------------------------------------------- weights
-
-def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers (BN running stats), detached on the CPU, independent copies."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_weights(model: nn.Module | dict, path: str | Path,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write of a model (or an already copied state dict)."""
-    state = model if isinstance(model, dict) else state_to_save(model)
-    atomic.save_safetensors(path, state, {str(k): str(v) for k, v in (metadata or {}).items()})
-
-
-def weights_metadata(weights: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of a weights file; a clear error when it is not one."""
-    from safetensors import safe_open
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise ChexopsError(f"weights file {weights} not found; give a .safetensors path or a "
-                           f"models:/<name>@champion URI")
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception:
-        raise ChexopsError(f"{weights} is not a safetensors file; give the best.safetensors "
-                           f"a training round wrote") from None
-
-
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a chexops safetensors file into `model` (strict); returns the file's metadata."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ChexopsError(f"weights file {path} not found; train the round that writes it first")
-    state = load_file(str(path))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ChexopsError(f"{path} does not match the model ({which}); "
-                           f"use weights made with the same model params (arch, head, targets)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # shape mismatch
-        raise ChexopsError(f"{path} does not match the model ({str(exc).splitlines()[-1].strip()}); "
-                           f"use weights made with the same model params") from None
-    return weights_metadata(path)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from chexops import atomic, paths
-from chexops.config import Params
+from chexops.config import N_ROUNDS, Params
 from chexops.errors import ChexopsError
 from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
@@ -17,7 +17,7 @@ from chexops.stages import evaluate_report
 from chexops.tracking import runs as tracking
 
 STAGE = "evaluate"
-FINAL_ROUND = 5
+FINAL_ROUND = N_ROUNDS   # evaluate scores the last round's weights
 METRICS_FILE = paths.METRICS_DIR / "evaluate.json"
 PLOTS = paths.PLOTS_DIR / "evaluate"
 REPORT_DIR = Path("reports/evaluate")
@@ -38,7 +38,7 @@ def predict(params: Params, root: Path, weights: Path, valid: pd.DataFrame) -> n
     return np.asarray(predict_frame(params, weights, valid, root / paths.RAW_ZIP, root))
 
 
-# ---------------------------------------------------------------- issue 5: TTA beside plain
+# ---------------------------------------------------------------- TTA beside the plain result
 
 TTA_KEYS = ("auroc", "precision", "recall", "specificity", "error_rate")
 
@@ -108,15 +108,15 @@ def main(params: Params, root: Path) -> None:
         probs = predict(params, root, weights, valid)
         metrics, curves = evaluate.evaluate_targets(valid, probs, params.targets,
                                                     params.evaluate.threshold, truth)
-        extra = evaluate_report.extend_metrics(params, valid, probs, metrics)  # issue 6
-        add_tta(params, root, weights, valid, metrics)  # issue 5: TTA beside the plain result
+        extra = evaluate_report.extend_metrics(params, valid, probs, metrics)
+        add_tta(params, root, weights, valid, metrics)  # TTA beside the plain result
         atomic.write_json(root / METRICS_FILE, metrics)
         write_plots(root, curves)
         figures = write_report(root, metrics, curves, params.targets)
-        figures.update(evaluate_report.write_outputs(  # issue 6: predictions, report.html, Grad-CAM
+        figures.update(evaluate_report.write_outputs(  # predictions, report.html, Grad-CAM
             params, root, valid, probs, metrics, extra, weights, dict(figures)))
         log_to_run(run, root, params, metrics, figures, len(valid))
-        evaluate_report.register_model(params, run, root, weights)  # issue 6: MLflow registry
+        evaluate_report.register_model(params, run, root, weights)  # MLflow registry
         _print_summary(metrics, params.targets)
     tracking.close_trial(params, root, run.run_id, {STAGE: metrics})
 

@@ -39,7 +39,7 @@ def extend_metrics(params: Params, valid: pd.DataFrame, probs: np.ndarray,
 def _gradcam_figures(params: Params, root: Path, valid: pd.DataFrame, probs: np.ndarray,
                      weights: Path) -> dict[str, Any]:
     """{'gradcam-<target>-<kind>.png': Figure} for a seeded sample of TP/FN/FP cases."""
-    per_kind = int(getattr(params.evaluate, "gradcam_per_kind", 4))
+    per_kind = params.evaluate.gradcam_per_kind
     if per_kind <= 0 or len(valid) == 0:
         return {}
     from chexops.inference import gradcam
@@ -84,7 +84,8 @@ def _html(params: Params, metrics: dict[str, Any], result: analysis.Analysis,
 def write_outputs(params: Params, root: Path, valid: pd.DataFrame, probs: np.ndarray,
                   metrics: dict[str, Any], result: analysis.Analysis, weights: Path,
                   base_figures: dict[str, Any]) -> dict[str, Any]:
-    """Write issue 6's files into reports/evaluate/; return the new figures (for MLflow)."""
+    """Write predictions, report.html and the Grad-CAM grids into reports/evaluate/; return the
+    new figures (for MLflow)."""
     probs = np.asarray(probs, dtype=float).reshape(len(valid), len(params.targets))
     out = root / REPORT_DIR
     atomic.write_parquet(out / "predictions.parquet",
@@ -121,13 +122,13 @@ def compare_slug(name: str) -> str:
 def register_model(params: Params, run: Any, root: Path, weights: Path) -> str | None:
     """Log the final model to the evaluate run and register it (evaluate.register, default on);
     returns the model URI, or None when registration is off."""
-    if not getattr(params.evaluate, "register", True):
+    if not params.evaluate.register:
         return None
     from chexops.tracking import registry
 
     info = registry.log_model(params, root, run.run_id, weights)
     version = registry.register(info.model_uri, registry.model_name(params),
-                                champion=bool(getattr(params.evaluate, "champion", False)))
+                                champion=params.evaluate.champion)
     run.set_tags({"chexops.model_uri": info.model_uri,
                   "chexops.registered_model": f"{registry.model_name(params)}/{version.version}"})
     return info.model_uri

@@ -3,6 +3,7 @@ validation split untouched) and metrics/resample.json; the logic lives in chexop
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -25,7 +26,7 @@ def main(params: Params, root: Path) -> None:
         with atomic.atomic_dir(root / paths.RESAMPLED_DIR) as tmp:
             out.to_parquet(tmp / paths.RESAMPLED_TRAIN.name, index=False)
             valid.to_parquet(tmp / paths.RESAMPLED_VALID.name, index=False)
-        metrics = {"target": target, "before": class_counts(train, target),
+        metrics: dict[str, Any] = {"target": target, "before": class_counts(train, target),
                    "train": class_counts(out, target), "valid": class_counts(valid, target)}
         atomic.write_json(root / paths.METRICS_DIR / "resample.json", metrics)
         print(f"resample {cfg.strategy} x{cfg.fraction}: {len(train)} -> {len(out)} train rows "

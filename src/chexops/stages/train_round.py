@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chexops import paths
 from chexops.config import N_ROUNDS, Params
@@ -57,63 +59,92 @@ def main(params: Params, root: Path, k: int) -> None:
         _main(params, Path(root), k, ctx.device)
 
 
-def _main(params: Params, root: Path, k: int, device) -> None:
+@dataclass
+class _Start:
+    """What round k starts from, settled before MLflow: a bad arch or weights file fails fast."""
+    plan: Any
+    train_df: Any
+    valid_df: Any
+    md5s: dict[str, str]
+    fingerprint: str
+    ckpt_path: Path
+    resume: dict[str, Any]
+    model: Any
+
+
+def _start(params: Params, root: Path, k: int) -> _Start:
     from chexops.model.coding import needs_teacher
     from chexops.runtime import seed_everything
-    from chexops.tracking import runs as tracking
-    from chexops.training import checkpoint, distributed
-    from chexops.training.loop import train_round
+    from chexops.training import checkpoint
     from chexops.training.teacher import resolve_teacher
 
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
-    plan = rounds.plan_for(params, k)
-    prev = rounds.previous_weights(root, k)
-    fresh = params.round(k).resample is not None
     train_df, valid_df = rounds.load_frames(params, root, k)
-    md5s = rounds.input_md5s(root, k, fresh, params)
+    md5s = rounds.input_md5s(root, k, params.round(k).resample is not None, params)
     fingerprint = rounds.round_fingerprint(params, root, k, md5s)
     ckpt_path = checkpoint.checkpoint_path(root, k)
     resume = rounds.resume_info(ckpt_path, fingerprint)
     seed_everything(params.seed)  # the initial head weights come from the seed
-    model = rounds.build_start_model(params, prev, root)  # before MLflow: bad arch or weights fail fast
+    model = rounds.build_start_model(params, rounds.previous_weights(root, k), root)
     if params.clean.teacher and ":/" not in params.clean.teacher and needs_teacher(params):
         resolve_teacher(params.clean.teacher, root)  # a missing teacher file fails fast too
-    tracked = (tracking.stage_run(params, root, rounds.stage_name(k), resume_run_id=resume["run_id"])
+    return _Start(rounds.plan_for(params, k), train_df, valid_df, md5s, fingerprint, ckpt_path,
+                  resume, model)
+
+
+def _log_inputs(stage_run: Any, params: Params, root: Path, k: int, start: _Start) -> None:
+    stage_run.log_params(rounds.mlflow_params(params, k, len(start.train_df), len(start.valid_df)))
+    pretrained = rounds.pretrained_md5(params, root) if k == 1 else {}
+    if pretrained:  # not a DVC dep (see training.rounds): its md5 is on the run
+        (path, md5), = pretrained.items()
+        stage_run.set_tags({"pretrained_path": path, "pretrained_md5": md5})
+
+
+def _main(params: Params, root: Path, k: int, device) -> None:
+    from chexops.tracking import runs as tracking
+    from chexops.training import distributed
+
+    start = _start(params, root, k)
+    tracked = (tracking.stage_run(params, root, rounds.stage_name(k),
+                                  resume_run_id=start.resume["run_id"])
                if distributed.is_main() else contextlib.nullcontext(distributed.NullRun()))
     with tracked as stage_run:
-        stage_run.log_params(rounds.mlflow_params(params, k, len(train_df), len(valid_df)))
-        pretrained = rounds.pretrained_md5(params, root) if k == 1 else {}
-        if pretrained:  # not a DVC dep (see the module docstring): its md5 is on the run
-            (path, md5), = pretrained.items()
-            stage_run.set_tags({"pretrained_path": path, "pretrained_md5": md5})
+        _log_inputs(stage_run, params, root, k, start)
         with distributed.main_first():  # rank 0 builds the image cache, the others reuse it
-            train, teacher = rounds.train_set(params, root, train_df, device)
-            valid = rounds.array_set(params, root, valid_df)
+            train, teacher = rounds.train_set(params, root, start.train_df, device)
+            valid = rounds.array_set(params, root, start.valid_df)
         if teacher is not None:  # U-SelfTrained: whose labels the round learns from
             stage_run.set_tags(teacher)
             stage_run.log_params({"teacher": teacher["teacher"]})
-        plan, found_lr = rounds.resolve_auto_lr(plan, params, k, model, train, device, stage_run,
-                                         resume["lr_found"])
-        meta = {"round": k, "seed": params.seed, "params": rounds.round_params(params, k),
-                "inputs": md5s, "code": rounds.code_md5s(root, k), "run_id": stage_run.run_id,
-                "fingerprint": fingerprint,
-                "lr_found": found_lr, "teacher": teacher}
-        result = train_round(
-            model, train, valid, plan, root / paths.round_weights(k), device, ckpt_path,
-            fingerprint, stage_run.run_id,
-            on_epoch_end=lambda row: stage_run.log_metrics_once(
-                {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
-            weights_metadata={"round": str(k), "arch": params.model.arch,
-                              "targets": ",".join(params.targets), "seed": str(params.seed),
-                              "coding": plan.coding.to_str()},
-            lr_found=found_lr)
-        meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
-                    micro_batch=result.micro_batch, world_size=distributed.world_size(),
-                    resumed_from_epoch=result.resumed_from)
-        if not distributed.is_main():
-            return
-        rounds.write_outputs(root, k, result, meta)
-        rounds.log_best(stage_run, root, k, result)
-        print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "
-              f"{result.best_metrics['auroc']:.4f}", file=sys.stderr)
+        _train(params, root, k, device, start, train, valid, teacher, stage_run)
+
+
+def _train(params: Params, root: Path, k: int, device, start: _Start, train, valid,
+           teacher: dict | None, stage_run: Any) -> None:
+    from chexops.training import distributed
+    from chexops.training.loop import train_round
+
+    plan, found_lr = rounds.resolve_auto_lr(start.plan, params, k, start.model, train, device,
+                                            stage_run, start.resume["lr_found"])
+    meta = {"round": k, "seed": params.seed, "params": rounds.round_params(params, k),
+            "inputs": start.md5s, "code": rounds.code_md5s(root, k), "run_id": stage_run.run_id,
+            "fingerprint": start.fingerprint, "lr_found": found_lr, "teacher": teacher}
+    result = train_round(
+        start.model, train, valid, plan, root / paths.round_weights(k), device, start.ckpt_path,
+        start.fingerprint, stage_run.run_id,
+        on_epoch_end=lambda row: stage_run.log_metrics_once(
+            {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
+        weights_metadata={"round": str(k), "arch": params.model.arch,
+                          "targets": ",".join(params.targets), "seed": str(params.seed),
+                          "coding": plan.coding.to_str()},
+        lr_found=found_lr)
+    meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
+                micro_batch=result.micro_batch, world_size=distributed.world_size(),
+                resumed_from_epoch=result.resumed_from)
+    if not distributed.is_main():
+        return
+    rounds.write_outputs(root, k, result, meta)
+    rounds.log_best(stage_run, root, k, result)
+    print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "
+          f"{result.best_metrics['auroc']:.4f}", file=sys.stderr)

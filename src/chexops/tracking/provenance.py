@@ -7,21 +7,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
-import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
-
-from chexops.errors import ChexopsError
 from chexops.hashing import file_md5, tree_md5
 from chexops.paths import main_repo_root
+from chexops.tracking import dvcfiles, git
+from chexops.tracking.dvcfiles import is_code, within
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-# deps under these prefixes are code, not data: they get no data.md5 tag
-CODE_PREFIXES = ("src/",)
 LIBRARIES = {  # label -> distribution name
     "torch": "torch", "torchvision": "torchvision", "timm": "timm", "mlflow": "mlflow",
     "dvc": "dvc", "numpy": "numpy", "pandas": "pandas", "sklearn": "scikit-learn",
@@ -29,17 +22,6 @@ LIBRARIES = {  # label -> distribution name
 
 
 # ---------------------------------------------------------------- data hashes
-
-def _dep_paths(entries: list[Any]) -> list[str]:
-    """dvc.yaml deps are strings or one-key mappings {path: options}."""
-    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
-
-
-def _lock_outs(lock: dict) -> dict[str, str]:
-    """{out path: md5} over every stage of a dvc.lock."""
-    return {o["path"]: o["md5"] for s in lock.get("stages", {}).values()
-            for o in s.get("outs", []) or [] if "md5" in o}
-
 
 def _dvc_cache_dirs(root: Path) -> list[Path]:
     """Where DVC 3 keeps objects: the repo's own cache and, in an exp temp workspace, the main one."""
@@ -63,12 +45,6 @@ def _md5_in_dir_out(root: Path, dep: str, out: str, dir_md5: str) -> str | None:
     return None
 
 
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def dvc_input_md5s(root: str | Path, stage: str) -> dict[str, str]:
     """{dep path: md5} for the data deps of `stage` (code deps under src/ are skipped).
 
@@ -84,18 +60,13 @@ def dvc_input_md5s(root: str | Path, stage: str) -> dict[str, str]:
     root = Path(root)
     if not (root / "dvc.yaml").is_file():
         return {}  # outside a DVC pipeline (a library call, a unit test): no recorded inputs
-    spec = read_yaml(root / "dvc.yaml").get("stages", {})
-    if stage not in spec:
-        raise ChexopsError(f"stage {stage!r} is not in {root / 'dvc.yaml'}; "
-                           f"run chexops from the repository root or fix the stage name")
-    outs = _lock_outs(read_yaml(root / "dvc.lock"))
+    deps = dvcfiles.paths_of(dvcfiles.stage(root, stage), "deps")
+    outs = dvcfiles.lock_outs(root)
     result: dict[str, str] = {}
-    for dep in _dep_paths(spec[stage].get("deps")):
-        if dep.startswith(CODE_PREFIXES):
-            continue
+    for dep in (d for d in deps if not is_code(d)):
         md5 = outs.get(dep)
         if md5 is None:
-            parent = next((o for o in outs if dep.startswith(o.rstrip("/") + "/")), None)
+            parent = next((o for o in outs if dep != o and within(dep, o)), None)
             if parent and outs[parent].endswith(".dir"):
                 md5 = _md5_in_dir_out(root, dep, parent, outs[parent])
         if md5 is None and (root / dep).is_file():
@@ -113,31 +84,17 @@ def dvc_code_md5s(root: str | Path, stage: str) -> dict[str, str]:
     root = Path(root)
     if not (root / "dvc.yaml").is_file():
         return {}
-    spec = read_yaml(root / "dvc.yaml").get("stages", {})
-    if stage not in spec:
-        raise ChexopsError(f"stage {stage!r} is not in {root / 'dvc.yaml'}; "
-                           f"run chexops from the repository root or fix the stage name")
-    return {dep: tree_md5(root / dep) for dep in _dep_paths(spec[stage].get("deps"))
-            if dep.startswith(CODE_PREFIXES) and (root / dep).exists()}
+    deps = dvcfiles.paths_of(dvcfiles.stage(root, stage), "deps")
+    return {dep: tree_md5(root / dep) for dep in deps if is_code(dep) and (root / dep).exists()}
 
 
 # ---------------------------------------------------------------- environment
 
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
 def _pipeline_outputs(root: Path) -> set[str]:
     """dvc.lock and every out/metric/plot in dvc.yaml: the pipeline rewrites these itself."""
     paths = {"dvc.lock"}
-    for stage in read_yaml(root / "dvc.yaml").get("stages", {}).values():
-        for key in ("outs", "metrics", "plots"):
-            paths.update(_dep_paths(stage.get(key)))
+    for entry in dvcfiles.stages(root).values():
+        paths.update(dvcfiles.paths_of(entry, "outs", "metrics", "plots"))
     return paths
 
 
@@ -159,15 +116,14 @@ def git_info(root: str | Path) -> dict[str, Any]:
     """{commit, dirty, changed}: the code revision; dirty when tracked files other than the
     pipeline's own outputs differ from it. Outside a git repo: commit None, dirty None."""
     root = Path(root)
-    commit = _git(root, "rev-parse", "HEAD")
+    commit = git.output(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "changed": []}
-    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=no") or ""
+    status = git.output(root, "status", "--porcelain", "-z", "--untracked-files=no") or ""
     # params.yaml is logged in full on every trial and restored by `chexops reproduce`, so a
     # `dvc exp run -S` edit to it is not code that could be lost
     outputs = _pipeline_outputs(root) | {"params.yaml"}
-    changed = [p for p in _porcelain_paths(status)
-               if p not in outputs and not any(p.startswith(o.rstrip("/") + "/") for o in outputs)]
+    changed = [p for p in _porcelain_paths(status) if not any(within(p, o) for o in outputs)]
     return {"commit": commit.strip(), "dirty": bool(changed), "changed": changed}
 
 

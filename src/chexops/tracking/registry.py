@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from chexops.errors import ChexopsError
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from chexops.config import Params
     from chexops.inference.predictor import Predictor
+    from chexops.model.weights import Recipe
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
@@ -45,7 +47,7 @@ def model_name(params: "Params") -> str:
     return params.evaluate.model_name
 
 
-class ChexPyfunc(mlflow.pyfunc.PythonModel):
+class ChexPyfunc(PythonModel):
     """pyfunc wrapper: DataFrame[image: base64 file bytes] -> probabilities per target + error."""
 
     def load_context(self, context) -> None:
@@ -78,37 +80,38 @@ def model_config(params: "Params", weights: Path | None = None) -> dict[str, Any
     and the arch, targets and output coding (U-MultiClass) the weights' metadata records
     (params' targets and all-binary when there are no weights or no metadata)."""
     from chexops.config import to_dict
-    from chexops.inference.predictor import weights_spec
-    from chexops.model.coding import coding_from_metadata
+    from chexops.model.weights import read_recipe, recipe_from_metadata
 
-    model = dict(to_dict(params.model), pretrained=False)  # weights come from the artifact
-    if weights is not None:
-        arch, targets, coding = weights_spec(weights, params)
-        model["arch"] = arch
-    else:
-        targets = tuple(params.targets)
-        coding = coding_from_metadata({}, targets)
-    return {"model": model, "targets": list(targets), "coding": coding.to_str(),
-            "image_size": params.train.image_size}
+    # weights come from the artifact, so the recipe's model is never pretrained
+    recipe = (read_recipe(weights, params) if weights is not None
+              else recipe_from_metadata({}, params))
+    return {"model": to_dict(recipe.model), "targets": list(recipe.targets),
+            "coding": recipe.coding.to_str(), "image_size": params.train.image_size}
+
+
+def config_recipe(config: dict[str, Any]) -> "Recipe":
+    """The recipe a pyfunc config records (a config without `coding`, logged before
+    U-MultiClass, is all binary); model keys this chexops does not know are dropped."""
+    from chexops.config import ModelConfig
+    from chexops.model.coding import coding_from_metadata
+    from chexops.model.weights import Recipe
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})
+    targets = tuple(config["targets"])
+    return Recipe(model, targets, coding_from_metadata(config, targets))
 
 
 def build_predictor(weights: Path, config: dict[str, Any]) -> "Predictor":
-    """The Predictor a pyfunc config describes (a config without `coding`, logged before
-    U-MultiClass, is all binary)."""
+    """The Predictor (on the CPU) a pyfunc config describes, its weights loaded strictly."""
     import torch
 
-    from chexops.config import ModelConfig
     from chexops.inference.predictor import Predictor
-    from chexops.model.coding import coding_from_metadata
-    from chexops.model.network import build_model, load_weights
+    from chexops.model.weights import load_model
 
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})
-    targets = tuple(config["targets"])
-    coding = coding_from_metadata(config, targets)
-    model = build_model(cfg, coding.n_outputs)
-    load_weights(model, weights)
-    return Predictor(model.eval(), targets, int(config["image_size"]), torch.device("cpu"), coding)
+    model, recipe = load_model(weights, recipe=config_recipe(config))
+    return Predictor(model.eval(), recipe.targets, int(config["image_size"]), torch.device("cpu"),
+                     recipe.coding)
 
 
 def example_input(size: int = 64) -> pd.DataFrame:
@@ -125,8 +128,9 @@ def signature(targets: tuple[str, ...]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    outputs = [ColSpec("double", t) for t in targets] + [ColSpec("string", "error")]
-    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]),
+                          outputs=Schema([*(ColSpec("double", t) for t in targets),
+                                          ColSpec("string", "error")]))
 
 
 def _pip_requirements() -> list[str]:

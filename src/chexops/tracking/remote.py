@@ -54,6 +54,7 @@ DVC_ERRORS: tuple[tuple[str, str, str, str], ...] = (
      "run `dvc push` where the data was made, then try again"),
 )
 
+
 class RemoteError(ChexopsError):
     """A DVC remote could not provide an object: `kind` is one of DVC_ERRORS' kinds or 'other';
     `problem` and `fix` are the two halves of the one-line message."""
@@ -88,11 +89,6 @@ def classify_dvc_error(output: str, remote: str | None) -> RemoteError:
     last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
     return RemoteError("other", f"dvc failed with the DVC remote {name} ({redact_text(last)[:300]})",
                        "run the dvc command by hand to see why")
-
-
-def explain_dvc_error(output: str, remote: str | None) -> str:
-    """One line 'problem; fix' for a failed dvc push/pull/fetch, from its output."""
-    return str(classify_dvc_error(output, remote))
 
 
 # ---------------------------------------------------------------- the cache
@@ -166,7 +162,7 @@ REMOTE_PATH_KEYS = ("url", "credentialpath", "keyfile", "configpath", "cert_path
 
 def _relative_local(value: object) -> bool:
     return (isinstance(value, str) and bool(value.strip()) and not re.match(r"\w+://", value)
-            and not os.path.isabs(os.path.expanduser(value)))
+            and not os.path.isabs(os.path.expanduser(str(value))))
 
 
 def pin_remote_paths(origin: Path, ws: Path) -> dict[str, str]:
@@ -197,7 +193,7 @@ def pin_remote_paths(origin: Path, ws: Path) -> dict[str, str]:
                     continue
                 if level is project and key in (local.get(section) or {}):
                     continue  # config.local sets its own value
-                absolute = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+                absolute = os.path.normpath(os.path.join(base, os.path.expanduser(str(value))))
                 local.setdefault(section, {})[key] = absolute
                 pinned[f"{named.group(1)}.{key}"] = absolute
     if pinned:

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from filelock import FileLock
+
 from chexops import atomic, paths
 from chexops.config import Params, flatten, to_dict
 from chexops.errors import ChexopsError
 from chexops.paths import main_repo_root
 from chexops.redact import redact_url
+from chexops.tracking import dvcfiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
@@ -76,33 +79,26 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
                            f"start it or unset MLFLOW_TRACKING_URI to use the embedded store")
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store URI; None for any other store."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialise store creation/migration between processes sharing one SQLite file."""
-    db = _sqlite_path(uri)
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """Serialise store creation/migration between processes sharing one SQLite file: an exclusive
+    lock on <db>.lock beside it, waited for as long as it takes (a server store needs none)."""
+    db = sqlite_path(uri)
     if db is None:
-        yield
-        return
-    import fcntl
-
+        return contextlib.nullcontext()
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(db.with_name(db.name + ".lock"))
 
 
 def _enable_wal(uri: str) -> None:
     """WAL lets readers and one writer work at once; MLflow's own busy_timeout covers the rest."""
     import sqlite3
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and db.exists():
         with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -203,6 +199,14 @@ def _log_datasets(run: StageRun, md5s: dict[str, str]) -> None:
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+
+    class _DigestDataset(MetaDataset):
+        """Known by source and md5 only. MLflow's MetaDataset leaves its base's abstract
+        `profile` unimplemented; a digest-only dataset has none."""
+
+        @property
+        def profile(self) -> None:
+            return None
     from mlflow.entities import DatasetInput, InputTag
 
     inputs = []
@@ -210,7 +214,7 @@ def _log_datasets(run: StageRun, md5s: dict[str, str]) -> None:
         with warnings.catch_warnings():  # two registered local sources match; same class
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(dep)
-        entity = MetaDataset(source, name=dep, digest=md5)._to_mlflow_entity()
+        entity = _DigestDataset(source, name=dep, digest=md5)._to_mlflow_entity()
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", "input")]))
     if inputs:
         run.client.log_inputs(run.run_id, datasets=inputs)
@@ -258,19 +262,9 @@ def stage_run(params: Params, root: str | Path, stage: str,
 
 # ---------------------------------------------------------------- the trial run
 
-def pipeline_stages(root: Path) -> list[str]:
-    from chexops.tracking.provenance import read_yaml
-
-    return list(read_yaml(root / "dvc.yaml").get("stages", {}))
-
-
 def _lock_data_md5s(root: Path) -> dict[str, str]:
     """md5 of every data/ out in dvc.lock (what the trial was computed from)."""
-    from chexops.tracking.provenance import read_yaml
-
-    lock = read_yaml(root / "dvc.lock")
-    return {o["path"]: o["md5"] for s in lock.get("stages", {}).values()
-            for o in s.get("outs", []) or [] if o.get("path", "").startswith("data/") and "md5" in o}
+    return {path: md5 for path, md5 in dvcfiles.lock_outs(root).items() if path.startswith("data/")}
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -284,7 +278,7 @@ def _link_stage_runs(client: "MlflowClient", root: Path, trial_id: str) -> dict[
     from mlflow.exceptions import MlflowException
 
     links: dict[str, str] = {}
-    for stage in pipeline_stages(root):
+    for stage in dvcfiles.stages(root):
         record = root / paths.stage_run_file(stage)
         if not record.is_file():
             continue

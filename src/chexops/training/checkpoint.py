@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ def fingerprint(obj: Any) -> str:
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """Python, NumPy, torch (CPU, CUDA) and the sampler generator's states as tensors/lists."""
     version, py_state, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # the tuple form, not the dict
     state: dict[str, Any] = {
         "python": [version, list(py_state), gauss],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -51,14 +51,14 @@ class DistContext:
 
 # ---------------------------------------------------------------- launching
 
-def under_torchrun(env: dict[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return all(k in env for k in TORCHRUN_ENV)
+def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    found = os.environ if env is None else env
+    return all(k in found for k in TORCHRUN_ENV)
 
 
-def launcher_args(nproc: int, env: dict[str, str] | None = None) -> list[str]:
+def launcher_args(nproc: int, environ: Mapping[str, str] | None = None) -> list[str]:
     """--standalone on one node; c10d rendezvous at $CHEXOPS_RDZV_ENDPOINT for several."""
-    env = os.environ if env is None else env
+    env = os.environ if environ is None else environ
     if nproc < 1:
         raise ChexopsError(f"runtime.nproc_per_node: {nproc} must be >= 1; set the number of "
                            f"processes (GPUs) per node")
@@ -176,9 +176,9 @@ def eval_sampler(dataset) -> torch.utils.data.DistributedSampler | None:
 
 
 def set_epoch(loader, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_sampler_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if set_sampler_epoch is not None:
+        set_sampler_epoch(epoch)
 
 
 # ---------------------------------------------------------------- model and collectives
@@ -195,7 +195,8 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     # torch >= 2.14 renamed the option (and still syncs buffers once at construction)
     key = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
            else "broadcast_buffers")
-    return ddp(model, device_ids=ids, **{key: False})
+    options: dict[str, Any] = {key: False}
+    return ddp(model, device_ids=ids, **options)
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -240,17 +241,17 @@ def all_reduce_grads(model: nn.Module) -> None:
     model = getattr(model, "module", model) if isinstance(
         model, nn.parallel.DistributedDataParallel) else model
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
     w = world_size()
     bucket: list[torch.Tensor] = []
     size = 0
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        size += p.grad.numel() * p.grad.element_size()
-        last = i == len(params) - 1
-        if size >= GRAD_BUCKET_BYTES or last or params[i + 1].grad.dtype != p.grad.dtype:
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        last = i == len(grads) - 1
+        if size >= GRAD_BUCKET_BYTES or last or grads[i + 1].dtype != g.dtype:
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat)
             flat.div_(w)

@@ -8,29 +8,28 @@ written only to the paths passed in.
 """
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from chexops.config import RuntimeConfig, TrainConfig
-from chexops.data.batches import ArraySet, make_loader, to_input
+from chexops.data.batches import ArraySet, make_loader
 from chexops.errors import ChexopsError
 from chexops.evaluation.metrics import multi_target_metrics
 from chexops.inference.predictor import predict_logits
-from chexops.inference.settings import CPU_AUTO_BATCH, Settings, resolve_settings
-from chexops.model.network import ChexNet, freeze_body, layer_groups, save_weights, state_to_save
+from chexops.inference.settings import Settings, resolve_settings
+from chexops.model.network import ChexNet, freeze_body, layer_groups
+from chexops.model.weights import save_weights, state_to_save
 from chexops.training import checkpoint as ckpt
 from chexops.training import distributed
 from chexops.training.schedule import OneCycle, discriminative_lrs
+from chexops.training.step import auto_batch_size, train_step
 
-AUTO_BATCH_START = 1024   # largest batch tried on CUDA
-MIN_MICRO_BATCH = 2       # BatchNorm needs two items per forward
 HISTORY_KEYS = ("epoch", "train_loss", "valid_loss", "auroc", "precision", "recall",
                 "error_rate", "lr")
 
@@ -39,13 +38,13 @@ HISTORY_KEYS = ("epoch", "train_loss", "valid_loss", "auroc", "precision", "reca
 class RoundPlan:
     """What one round needs from params.yaml (see `stages.train_round.plan_for`)."""
     epochs: int
-    lr: float | tuple[float, ...]
+    lr: float | tuple[float, ...] | str   # "auto" until the LR finder replaces it
     freeze: bool
     seed: int
     targets: tuple[str, ...]
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    coding: Any = None    # issue 5: uncertainty.OutputCoding (U-MultiClass); None = all sigmoid
+    coding: Any = None    # model.coding.OutputCoding (U-MultiClass); None = all sigmoid
 
 
 @dataclass
@@ -59,113 +58,13 @@ class RoundResult:
 
 
 def with_recipe(s: Settings, plan: RoundPlan) -> Settings:
-    """issue 5: the plan's output coding (U-MultiClass) and seeded augmentation (train only)."""
+    """The plan's output coding (U-MultiClass) and seeded augmentation (train only)."""
     import dataclasses
 
     from chexops.data.augment import make_augmenter
 
     return dataclasses.replace(s, coding=plan.coding,
                                augment=make_augmenter(plan.train.augment, plan.seed, s.device))
-
-
-# ---------------------------------------------------------------- loss and one step
-
-def step_denominator(mask: torch.Tensor, s: Settings, over_ranks: bool = True) -> torch.Tensor:
-    """The batch's label count that every chunk's loss is divided by; under DDP the mean over the
-    ranks (one all-reduce), so averaging the ranks' gradients gives the global batch's gradient.
-    Computed once per step: an out-of-memory retry reuses it and makes no extra collective."""
-    denom = mask.to(s.device, non_blocking=True).float().sum()
-    return (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
-
-
-def accumulate_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     mask: torch.Tensor, micro: int, s: Settings,
-                     over_ranks: bool = True, denom: torch.Tensor | None = None,
-                     sync: bool = True) -> torch.Tensor:
-    """Forward/backward the batch in near-equal chunks of <= micro items; the gradient equals
-    the whole batch's (each chunk's loss is divided by the whole batch's label count `denom`,
-    by default `step_denominator`; over_ranks=False: a rank-local probe). Under DDP only the last
-    chunk's backward all-reduces, and none when sync=False (the caller averages the gradients)."""
-    labels, mask = labels.to(s.device, non_blocking=True), mask.to(s.device, non_blocking=True)
-    if denom is None:
-        denom = step_denominator(mask, s, over_ranks)
-    chunks = torch.arange(len(images)).tensor_split(-(-len(images) // micro))
-    total = torch.zeros((), device=s.device)
-    for i, idx in enumerate(chunks):
-        sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        with distributed.no_sync(model, sync=sync and i == len(chunks) - 1):
-            with s.autocast():
-                logits = model(to_input(images[sl], s.device, s.channels_last))
-            loss = s.loss(logits, labels[sl], mask[sl], denom)
-            loss.backward()
-        total += loss.detach()
-    return total
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
-def _free_after_oom(optimizer: torch.optim.Optimizer, s: Settings) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    if s.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      mask: torch.Tensor, micro: int, s: Settings, denom: torch.Tensor,
-                      optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, int]:
-    """The step's gradient with micro-batches of <= micro items; on out-of-memory on ANY rank,
-    every rank halves the micro-batch and retries the same batch. The ranks agree through one
-    all-reduce of an OOM flag per attempt, made before any gradient collective, so they stay in
-    lockstep (under DDP every backward runs without sync and the gradients are averaged after
-    the agreement). Returns (loss, micro)."""
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        loss, oom = None, False
-        try:
-            loss = accumulate_grads(model, images, labels, mask, micro, s, denom=denom,
-                                    sync=not distributed.active())
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            oom = True
-        if not distributed.any_over_ranks(oom, s.device):
-            distributed.all_reduce_grads(model)
-            return loss, micro
-        loss = None
-        _free_after_oom(optimizer, s)
-        if micro <= MIN_MICRO_BATCH:
-            raise ChexopsError(f"out of memory even at micro-batch {micro}; lower "
-                               f"train.image_size or use a smaller model.arch") from None
-        micro = max(MIN_MICRO_BATCH, micro // 2)
-        if distributed.is_main():
-            print(f"chexops: out of memory{' on a rank' if distributed.active() else ''}; "
-                  f"continuing with micro-batch {micro} per rank and gradient accumulation "
-                  f"(per-rank batch {len(images)}, effective batch unchanged)", file=sys.stderr)
-
-
-def train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, micro: int,
-               s: Settings) -> tuple[torch.Tensor, int]:
-    """One optimizer step on a batch; on out-of-memory in forward/backward halve the micro-batch
-    (on every rank together) and retry the same batch with gradient accumulation, so the
-    effective batch is unchanged. An out-of-memory in optimizer.step() is not retried (the
-    parameters may be partly updated): a clear error. Returns (loss, micro)."""
-    images, labels, mask = batch
-    denom = step_denominator(mask, s)  # the step's only collective before the retry loop
-    loss, micro = _forward_backward(model, images, labels, mask, micro, s, denom, optimizer)
-    try:
-        optimizer.step()
-    except Exception as exc:
-        if not _is_oom(exc):
-            raise
-        _free_after_oom(optimizer, s)
-        raise ChexopsError(
-            "out of memory in the optimizer step (AdamW allocates its state at the first step; "
-            "a step cannot be retried once parameters may be partly updated); set a smaller "
-            "train.batch_size (or batch_size: auto), lower train.image_size, or use a smaller "
-            "model.arch") from None
-    return loss, micro
 
 
 # ---------------------------------------------------------------- epochs
@@ -243,40 +142,6 @@ def check_valid_split(valid: ArraySet, targets: tuple[str, ...]) -> None:
             raise ChexopsError(f"the validation split has {kind} {t} cases: AUROC is undefined, "
                                f"so no epoch can be chosen; use a validation split with both "
                                f"classes")
-
-
-# ---------------------------------------------------------------- batch size
-
-def _fits(model: nn.Module, batch: int, size: int, n_out: int, s: Settings) -> bool:
-    try:
-        images = torch.zeros(batch, size, size, dtype=torch.uint8)
-        labels = torch.zeros(batch, n_out)
-        accumulate_grads(model, images, labels, labels.bool(), batch, s, over_ranks=False)
-        return True
-    except Exception as exc:
-        if not _is_oom(exc):
-            raise
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        if s.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def auto_batch_size(model: nn.Module, image_size: int, n_out: int, s: Settings,
-                    n_items: int) -> int:
-    """Largest power-of-two batch whose forward/backward fits on the GPU (on a copy of the model,
-    so BatchNorm statistics are untouched); CPU_AUTO_BATCH on the CPU."""
-    if s.device.type != "cuda":
-        return min(CPU_AUTO_BATCH, max(MIN_MICRO_BATCH, n_items))
-    probe = copy.deepcopy(model).train()
-    batch = AUTO_BATCH_START
-    while batch > MIN_MICRO_BATCH and (batch > n_items or not _fits(probe, batch, image_size,
-                                                                      n_out, s)):
-        batch //= 2
-    del probe
-    torch.cuda.empty_cache()
-    return batch
 
 
 # ---------------------------------------------------------------- the round
@@ -369,9 +234,13 @@ def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, 
     n_batches = min(len(train_dl), plan.train.max_batches or len(train_dl))
     if n_batches == 0:
         raise ChexopsError("the training split is empty; check the clean and resample stages")
+    if isinstance(plan.lr, str):  # "auto" is the stage's to resolve, with the LR finder
+        raise ChexopsError(f"lr {plan.lr!r} reached the training loop unresolved; run the round "
+                           f"with `chexops train-round K`, which runs the LR range test first")
     optimizer, peaks = make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms)
     schedule = OneCycle(optimizer, peaks, plan.epochs * n_batches, plan.train.pct_start,
-                        plan.train.div, plan.train.final_div, tuple(plan.train.moms))
+                        plan.train.div, plan.train.final_div,
+                        (plan.train.moms[0], plan.train.moms[1]))
     # the micro-batch is per rank: it starts at this rank's share of the effective batch
     loop = _Loop(model, optimizer, schedule, generator, EpochState(0, local), batch_size)
     return loop, train_dl, valid_dl, n_batches
@@ -419,7 +288,7 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     if saved is not None and main and on_epoch_end is not None and loop.history:
         on_epoch_end(loop.history[-1])
     net = distributed.wrap_model(model, s.device)
-    compiled = torch.compile(net) if plan.runtime.compile else net
+    compiled = cast(nn.Module, torch.compile(net)) if plan.runtime.compile else net
     for epoch in range(start, plan.epochs + 1):
         row = _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
                          weights_metadata)

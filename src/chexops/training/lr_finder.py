@@ -24,7 +24,8 @@ from chexops.config import LRFindConfig
 from chexops.errors import ChexopsError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+
+    from chexops.model.network import ChexNet
 
 RULE = "valley"
 BETA = 0.98          # fastai's loss smoothing
@@ -84,7 +85,7 @@ def _batches(loader):
         yield from loader
 
 
-def range_test(model: "torch.nn.Module", data, plan, s, cfg: LRFindConfig) -> LRFindResult:
+def range_test(model: "ChexNet", data, plan, s, cfg: LRFindConfig) -> LRFindResult:
     """Run the range test on a copy of `model` (left untouched); plan: train.RoundPlan,
     s: train.Settings (with coding and augmentation)."""
     import torch
@@ -92,7 +93,8 @@ def range_test(model: "torch.nn.Module", data, plan, s, cfg: LRFindConfig) -> LR
     from chexops.data.batches import make_loader
     from chexops.inference.settings import CPU_AUTO_BATCH
     from chexops.model.network import freeze_body
-    from chexops.training.loop import accumulate_grads, make_optimizer
+    from chexops.training.loop import make_optimizer
+    from chexops.training.step import accumulate_grads
 
     net = copy.deepcopy(model).to(s.device).train()
     freeze_body(net, plan.freeze)
@@ -154,15 +156,17 @@ def figure(result: LRFindResult, chosen: float | None = None):
 # ---------------------------------------------------------------- the round's lr: auto
 
 def auto_lr(model, data, plan, device, cfg: LRFindConfig, where: str,
-            stage_run: Any = None) -> tuple[float, LRFindResult]:
-    """Run the test (rank 0 only; the LR is broadcast) and log plot, curve and choice."""
+            stage_run: Any = None) -> tuple[float, LRFindResult | None]:
+    """Run the test (rank 0 only; the LR is broadcast, the result stays None on the other
+    ranks) and log plot, curve and choice."""
     import torch
 
     from chexops.inference.settings import resolve_settings
     from chexops.training import distributed
     from chexops.training.loop import with_recipe
 
-    result, lr = None, None
+    result: LRFindResult | None = None
+    lr: float | None = None
     if distributed.is_main():
         s = with_recipe(resolve_settings(plan.runtime, plan.train, torch.device(device)), plan)
         result = range_test(model, data, plan, s, cfg)

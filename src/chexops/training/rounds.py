@@ -231,29 +231,28 @@ def plan_for(params: Params, k: int):
     from chexops.model.coding import output_coding
     from chexops.training.loop import RoundPlan
 
-    r = params.round(k)  # lr may be "auto": _main replaces it by the LR finder's choice
-    return RoundPlan(r.epochs, r.lr, r.freeze, params.seed, tuple(params.targets),
+    r = params.round(k)  # lr may be "auto": the stage replaces it by the LR finder's choice
+    lr = params.lr if r.lr is None else r.lr  # config lets only round 1 inherit the top-level lr
+    return RoundPlan(r.epochs, lr, r.freeze, params.seed, tuple(params.targets),
                      params.train, params.runtime, output_coding(params))
 
 
 def build_start_model(params: Params, prev: Path | None, root: Path | None = None):
-    """Round k-1's weights, or (round 1) the model with model.pretrained, a relative weights
-    path resolved against `root` (the repository root)."""
+    """Round k-1's weights in the network params describe (a file made with other model params
+    raises ChexopsError), or (round 1) the model with model.pretrained, a relative weights path
+    resolved against `root` (the repository root)."""
     from chexops.model.coding import output_coding
-    from chexops.model.network import build_model, load_weights
+    from chexops.model.network import build_model
+    from chexops.model.weights import load_model, params_recipe
 
-    model_cfg = params.model
-    if prev is not None and model_cfg.pretrained is not False:  # round k-1 replaces them
-        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
-    model = build_model(model_cfg, output_coding(params).n_outputs, root)
-    if prev is not None:
-        load_weights(model, prev)
-    return model
+    if prev is not None:  # round k-1's weights replace any pretrained ones
+        return load_model(prev, recipe=params_recipe(params))[0]
+    return build_model(params.model, output_coding(params).n_outputs, root)
 
 
 def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run,
                     lr_found: float | None = None):
-    """issue 5: `lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
+    """`lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
     round reuses the choice stored in its checkpoint (`lr_found`) instead of re-running it."""
     from chexops.training.lr_finder import auto_lr
 

@@ -34,15 +34,15 @@ def one_cycle_value(pct: float, start: float, peak: float, end: float, pct_start
 
 
 def discriminative_lrs(lr: float | Sequence[float], n_groups: int) -> list[float]:
-    """Peak LR per layer group: one number -> all the same; [lo, hi] -> geometric lo..hi;
-    a list of n_groups numbers -> as given."""
+    """Peak LR per layer group: one number -> all the same; [lo, hi] -> geometric lo..hi (fastai's
+    slice(lo, hi)); a list of n_groups numbers -> as given. config.py has already checked that
+    every value is positive and lo <= hi; the number of values is checked here because it
+    depends on the model's layer groups."""
     if isinstance(lr, (int, float)):
         return [float(lr)] * n_groups
     values = [float(v) for v in lr]
     if len(values) == 2 and n_groups > 1:
         lo, hi = values
-        if not 0 < lo <= hi:
-            raise ChexopsError(f"lr range {values}: needs 0 < lo <= hi; write it as [lo, hi]")
         return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
     if len(values) == n_groups and all(v > 0 for v in values):
         return values

@@ -5,15 +5,17 @@ md5) goes to the round's MLflow run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from chexops.config import Params
 from chexops.errors import ChexopsError
-from chexops.model.coding import OutputCoding, coding_from_metadata, relabel
+from chexops.model.coding import relabel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from chexops.inference.predictor import Predictor
 
 TEACHER_BATCH = 64
 
@@ -53,35 +55,24 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
                            f"MLFLOW_TRACKING_URI") from None
 
 
-def load_teacher(params: Params, path: Path) -> tuple[nn.Module, OutputCoding]:
-    """The teacher network: same model params, its output coding from the weights' metadata
-    (read as predict reads any weights file)."""
-    import dataclasses
+def load_teacher(params: Params, path: Path,
+                 device: torch.device | None = None) -> "Predictor":
+    """The teacher as a Predictor on `device` (default CPU), TEACHER_BATCH images at a time: the
+    network model params describe, with the output coding the weights' metadata records (read as
+    predict reads any weights file). Raises ChexopsError prefixed `clean.teacher:` when the
+    file is missing, not safetensors or its coding does not cover params' targets."""
+    from chexops.inference.predictor import Predictor
+    from chexops.model.weights import load_model, recipe_from_metadata, weights_metadata
 
-    from chexops.model.network import build_model, load_weights, weights_metadata
-
-    try:
-        coding = coding_from_metadata(weights_metadata(path), params.targets)
+    try:  # only the coding is the file's: the teacher must predict params' targets, in order
+        meta = weights_metadata(path)
+        recipe = recipe_from_metadata({"coding": meta.get("coding", "")}, params)
     except ChexopsError as exc:
         raise ChexopsError(f"clean.teacher: {exc}") from None
-    model = build_model(dataclasses.replace(params.model, pretrained=False), coding.n_outputs)
-    load_weights(model, path)
-    return model.eval(), coding
-
-
-@torch.inference_mode()
-def predict_images(model: nn.Module, coding: OutputCoding, images: np.ndarray,
-                   device: torch.device) -> np.ndarray:
-    """(M, T) positive probabilities for uint8 images (M, S, S), model in eval mode."""
-    from chexops.data.batches import to_input
-
-    model.to(device).eval()
-    out = [model(to_input(torch.from_numpy(np.ascontiguousarray(images[i:i + TEACHER_BATCH])),
-                          device)).float().cpu().numpy()
-           for i in range(0, len(images), TEACHER_BATCH)]
-    if not out:
-        return np.zeros((0, len(coding.kinds)))
-    return coding.probs(np.concatenate(out))
+    model, _ = load_model(path, recipe=recipe)
+    device = device or torch.device("cpu")
+    return Predictor(model.to(device).eval(), recipe.targets, params.train.image_size, device,
+                     recipe.coding, batch=TEACHER_BATCH)
 
 
 def teacher_identity(uri: str, path: Path) -> dict[str, str]:
@@ -108,9 +99,9 @@ def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
     from chexops.tracking.runs import tracking_uri
 
     path = resolve_teacher(params.clean.teacher, root, tracking_uri(params, root))
-    model, coding = load_teacher(params, path)
+    teacher = load_teacher(params, path, device)
     probs = np.zeros(raw.shape, dtype=np.float32)
-    probs[rows] = predict_images(model, coding, data.images[data.image_rows(rows)], device)
+    probs[rows] = teacher.probabilities(data.images[data.image_rows(rows)])
     labels, mask = relabel(data.labels, data.mask, raw, probs, columns, params.clean.teacher_labels)
     identity = {**teacher_identity(params.clean.teacher, path),
                 "teacher_mode": params.clean.teacher_labels, "teacher_relabelled": str(len(rows))}

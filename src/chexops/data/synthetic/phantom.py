@@ -101,7 +101,7 @@ def _heart(u: np.ndarray, v: np.ndarray, s: ViewState, dome: np.ndarray) -> np.n
     return _ellipse(u, v, cu, cv, hw, hh, 0.05) * _soft(dome + 0.02 - v, 0.02)
 
 
-def _effusion(u, v, s: ViewState, dome) -> np.ndarray:
+def _effusion(u, v, s: ViewState, dome) -> np.ndarray | float:
     """Fluid in the costophrenic angles: a basal opacity with a meniscus rising laterally."""
     if s.effusion <= 0:
         return 0.0
@@ -171,7 +171,7 @@ def lateral(s: ViewState, h: int, w: int, rng: np.random.Generator) -> np.ndarra
     heart = _ellipse(u, v, -0.30 + 0.2 * (ctr - 0.45), 0.60, 0.70 * ctr, 0.32 * ctr / 0.45 * 0.5)
     heart *= _soft(dome + 0.02 - v, 0.02)
     lungs *= 1 - heart
-    fluid = 0.0
+    fluid: np.ndarray | float = 0.0
     if s.effusion > 0:                     # posterior costophrenic sulcus fills first
         fluid = _soft(v - (dome - s.effusion - 0.15 * np.clip(u - 0.2, 0, 1)), 0.03) * 0.85
     img -= LUNG_DARKNESS * lungs * (1 - fluid)
