@@ -1,4 +1,4 @@
-"""One rank of the 2-process gloo test (tests/test_distributed.py), started by torchrun:
+"""One rank of the 2-process gloo test (tests/training/test_distributed.py), started by torchrun:
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [exact|oom]
 

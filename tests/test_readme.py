@@ -12,26 +12,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 # README command (its first words) -> the test that runs it
 COVERED = {
-    "make repro": "tests.test_pipeline_e2e:repo",
+    "make repro": "tests.pipeline.test_e2e:repo",
     "make test": ".ci/run",  # CI runs exactly this on a fresh clone: test_ci_runs_make_test
-    "make ui": "tests.test_ui:test_make_ui_serves_mlflow_on_loopback",
-    "source .venv/bin/activate": "tests.test_pipeline_e2e:repo",  # pipeline_env puts .venv/bin first
-    "dvc repro": "tests.test_pipeline_e2e:test_noop_repro_has_nothing_to_do",
-    "dvc exp run -S lr=": "tests.test_pipeline_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
-    "dvc exp show": "tests.test_pipeline_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
-    "dvc plots show": "tests.test_pipeline_e2e:test_plots_show_renders",
+    "make ui": "tests.commands.test_ui:test_make_ui_serves_mlflow_on_loopback",
+    "source .venv/bin/activate": "tests.pipeline.test_e2e:repo",  # pipeline_env puts .venv/bin first
+    "dvc repro": "tests.pipeline.test_e2e:test_noop_repro_has_nothing_to_do",
+    "dvc exp run -S lr=": "tests.pipeline.test_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
+    "dvc exp show": "tests.pipeline.test_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
+    "dvc plots show": "tests.pipeline.test_e2e:test_plots_show_renders",
     "cp profiles/chexpert-seed.yaml params.yaml": "tests.test_config:test_seed_profile_is_the_seed_studys_recipe",
-    "export CHEXPERT_URL=": "tests.test_download:test_url_download_verifies_checksum_and_redacts_the_token",
-    "chexops compare": "tests.test_compare:test_compare_by_experiment_name_finds_the_better_trial",
-    "chexops predict": "tests.test_predict:test_cli_prints_csv_and_json_and_writes_heatmaps",
-    "chexops champion": "tests.test_registry:test_champion_command_and_unknown_model",
-    "mlflow models serve": "tests.test_serve:test_served_champion_answers_rest_invocations",
-    "chexops reproduce": "tests.test_reproduce:test_reproduce_gives_identical_metrics_and_weights",
-    "chexops lr-find": "tests.test_lr_find:test_lr_find_command_writes_the_plot_and_prints_the_suggestion",
-    "dvc exp run --queue": "tests.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
-    "dvc queue start": "tests.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
-    "dvc push": "tests.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
-    "dvc pull": "tests.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
+    "export CHEXPERT_URL=": "tests.data.test_download:test_url_download_verifies_checksum_and_redacts_the_token",
+    "chexops compare": "tests.commands.test_compare:test_compare_by_experiment_name_finds_the_better_trial",
+    "chexops predict": "tests.commands.test_predict:test_cli_prints_csv_and_json_and_writes_heatmaps",
+    "chexops champion": "tests.tracking.test_registry:test_champion_command_and_unknown_model",
+    "mlflow models serve": "tests.tracking.test_serve:test_served_champion_answers_rest_invocations",
+    "chexops reproduce": "tests.commands.test_reproduce:test_reproduce_gives_identical_metrics_and_weights",
+    "chexops lr-find": "tests.training.test_lr_finder:test_lr_find_command_writes_the_plot_and_prints_the_suggestion",
+    "dvc exp run --queue": "tests.pipeline.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
+    "dvc queue start": "tests.pipeline.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
+    "dvc push": "tests.tracking.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
+    "dvc pull": "tests.tracking.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
 }
 
 
@@ -92,3 +92,5 @@ def test_ci_runs_make_test_and_make_test_runs_the_whole_suite():
     assert len(pytest_lines) == 1, dry.stdout
     assert " -m " not in pytest_lines[0].split("-m pytest", 1)[1], pytest_lines  # no marker filter
     assert " -k " not in pytest_lines[0], pytest_lines
+    # and, before it, the linter and the type checker over the package
+    assert re.search(r"ruff check src\b", dry.stdout) and re.search(r"/mypy\b", dry.stdout), dry.stdout

@@ -3,8 +3,9 @@
 Heavy libraries (torch, timm, mlflow) are imported by the stage that needs them, so
 `chexops --help` and a bad-params error answer at once.
 
-A command module provides `add_arguments(parser)` and `run(args, params, root)`; a
-stage module provides `main(params, root)`. Register new ones in the tables below.
+A command's arguments are defined in chexops.commands.arguments (light: the parser is built
+without importing the commands); its module provides `run(args, params, root)`. A stage module
+provides `main(params, root)`. Register new ones in the tables below.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from chexops.commands import arguments
 from chexops.errors import ChexopsError
 
 # stage name -> module whose main(params, root) runs it
@@ -23,7 +25,7 @@ STAGES = {
     "evaluate": "chexops.stages.evaluate",
 }
 
-# command name -> (module with add_arguments/run, help)
+# command name -> (module with run(args, params, root), help); arguments: commands.arguments
 COMMANDS = {
     "train-round": ("chexops.stages.train_round", "run training round K (1-5)"),
     "lr-find": ("chexops.commands.lr_find", "LR range test for round K: plot and suggested lr, no training"),
@@ -42,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
         sub.add_parser(name, help=f"run the {name} stage")
-    for name, (module, help_text) in COMMANDS.items():
-        # argument definitions live in light modules or functions that import nothing heavy
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
+    for name, (_, help_text) in COMMANDS.items():
+        define = getattr(arguments, name.replace("-", "_"))
+        define(sub.add_parser(name, help=help_text))
     return parser
 
 

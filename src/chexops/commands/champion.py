@@ -11,12 +11,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from chexops.config import Params
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help="registered model name (default: params' "
-                                       "evaluate.model_name)")
-    parser.add_argument("--version", help="model version to promote (default: the latest)")
-
-
 def run(args: argparse.Namespace, params: "Params", root: Path) -> None:
     from chexops.tracking import registry
 

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chexops.errors import ChexopsError
+from chexops.evaluation import stats
+from chexops.tracking.provenance import dvc_input_md5s
+from chexops.tracking.runs import open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -80,7 +83,6 @@ class Trial:
 def workspace_trial(root: Path) -> Trial:
     import pandas as pd
 
-    from chexops.tracking.provenance import dvc_input_md5s
 
     path = root / PREDICTIONS
     if not path.is_file():
@@ -123,7 +125,6 @@ def mlflow_trial(params: "Params", root: Path, spec: str) -> Trial:
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from chexops.tracking.runs import open_store
 
     client, exp_id = open_store(params, root)
     eval_id = _evaluate_run_id(_find_run(client, exp_id, spec))
@@ -166,7 +167,6 @@ def check_same_data(a: Trial, b: Trial) -> None:
 
 def _aligned(trial: Trial, target: str, order: "pd.Series", per_study: bool
              ) -> tuple[np.ndarray, np.ndarray]:
-    from chexops.evaluation import stats
 
     frame = trial.predictions.set_index("Path").loc[order]
     y, p = frame[f"label:{target}"].to_numpy(), frame[f"prob:{target}"].to_numpy(dtype=float)
@@ -180,7 +180,6 @@ def _aligned(trial: Trial, target: str, order: "pd.Series", per_study: bool
 def compare_target(a: Trial, b: Trial, target: str, threshold: float = 0.5, n_boot: int = 1000,
                    seed: int = 0, alpha: float = 0.05, per_study: bool = False) -> dict[str, Any]:
     """Both trials' metrics with bootstrap CIs, and the paired DeLong test of B - A."""
-    from chexops.evaluation import stats
 
     order = a.predictions["Path"].sort_values()
     y, pa = _aligned(a, target, order, per_study)
@@ -216,15 +215,6 @@ def format_result(result: dict[str, Any], a: str, b: str, alpha: float) -> str:
               f"{d['hi']:+.3f}), z = {d['z']:.2f}, p = {d['p_value']:.4f}",
               f"=> {result['verdict']}"]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", metavar="A", help="MLflow run id, DVC experiment name, or workspace")
-    parser.add_argument("b", metavar="B", help="MLflow run id, DVC experiment name, or workspace")
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
-    parser.add_argument("--per-study", action="store_true",
-                        help="compare per study (max over views), as the CheXpert paper does")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace, params: "Params", root: Path) -> None:

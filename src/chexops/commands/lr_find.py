@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from chexops import atomic
 from chexops.config import Params
+from chexops.inference.settings import resolve_settings
+from chexops.runtime import configure_torch, resolve_device, seed_everything
+from chexops.training import rounds
+from chexops.training.loop import with_recipe
 from chexops.training.lr_finder import RULE, LRFindResult, figure, range_test
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("k", type=int, help="round number, 1 to 5")
-    parser.add_argument("--out", default=None,
-                        help="PNG to write (default: plots/lr-find/round-K.png)")
-
-
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
-    from chexops import atomic
 
     out = Path(args.out) if args.out else Path("plots/lr-find") / f"round-{args.k}.png"
     out = out if out.is_absolute() else root / out
@@ -33,10 +31,6 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
 
 def find_for_round(params: Params, root: Path, k: int) -> LRFindResult:
     """The range test for round k's data and starting weights, without training."""
-    from chexops.inference.settings import resolve_settings
-    from chexops.runtime import configure_torch, resolve_device, seed_everything
-    from chexops.training import rounds
-    from chexops.training.loop import with_recipe
 
     configure_torch(params.runtime)
     device = resolve_device(params.runtime)

@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from chexops import atomic
 from chexops.data.decode import decode_all
 from chexops.errors import ChexopsError
+from chexops.inference import gradcam
 from chexops.inference.predictor import Predictor, predictor_from_weights
+from chexops.tracking.registry import load_registered
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -35,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def load_predictor(spec: str, params: "Params", root: Path) -> Predictor:
     """A models:/ or runs:/ URI from the MLflow store, or a local weights file."""
     if spec.startswith(("models:/", "runs:/")):
-        from chexops.tracking.registry import load_registered
 
         return load_registered(spec, params, root)
     return predictor_from_weights(spec, params)
@@ -54,8 +56,6 @@ def to_text(frame: pd.DataFrame, fmt: str) -> str:
 def write_heatmaps(predictor: Predictor, sources: list[Any], frame: pd.DataFrame,
                    out_dir: Path) -> list[Path]:
     """One Grad-CAM overlay PNG per readable image and target, in out_dir."""
-    from chexops import atomic
-    from chexops.inference import gradcam
 
     ok = [i for i, e in enumerate(frame["error"]) if not e]
     images, _ = decode_all([sources[i] for i in ok], predictor.image_size)
@@ -70,14 +70,6 @@ def write_heatmaps(predictor: Predictor, sources: list[Any], frame: pd.DataFrame
                 gradcam.overlay_image(images[k], cams[k]).save(tmp, format="PNG")
             written.append(path)
     return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
-    parser.add_argument("--model", required=True,
-                        help="models:/<name>@champion, runs:/<run id>/model, or a .safetensors file")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
 
 
 def run(args: argparse.Namespace, params: "Params", root: Path) -> None:

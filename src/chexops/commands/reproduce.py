@@ -36,25 +36,10 @@ from chexops.paths import main_repo_root
 from chexops.redact import redact_text, redact_url
 from chexops.tracking import sourcedata, trials, verdict, workspace
 from chexops.tracking.trials import Trial
-from chexops.tracking.verdict import DEFAULT_TOLERANCE, Comparison
+from chexops.tracking.verdict import Comparison
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_ref", metavar="RUN",
-                        help="the trial's MLflow run id, or a DVC experiment name")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="allowed metric difference, relative to max(1, |old|) "
-                             f"(default {DEFAULT_TOLERANCE}; GPU kernels are not bit-exact)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary workspace")
-    parser.add_argument("--workdir", default=None,
-                        help="folder to create the temporary workspace in (default: system temp)")
-    parser.add_argument("--rederive", action="store_true",
-                        help="when the DVC remote rejects the credentials or is unreachable, "
-                             "re-derive the source data from data.source instead of refusing "
-                             "(its md5 is still checked)")
 
 
 def format_comparison(c: Comparison, old_id: str, new_id: str, tolerance: float) -> str:

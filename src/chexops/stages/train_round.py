@@ -27,17 +27,17 @@ from typing import Any
 from chexops import paths
 from chexops.config import N_ROUNDS, Params
 from chexops.errors import ChexopsError
-from chexops.training import rounds
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("k", type=int, help=f"round number, 1 to {N_ROUNDS}")
+from chexops.model.coding import needs_teacher
+from chexops.runtime import configure_torch, resolve_device, seed_everything
+from chexops.tracking import runs as tracking
+from chexops.training import checkpoint, distributed, rounds
+from chexops.training.loop import train_round
+from chexops.training.teacher import resolve_teacher
 
 
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     """`runtime.distributed: torchrun` re-launches this command under torchrun (so `dvc repro`
     still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank."""
-    from chexops.training import distributed
 
     if params.runtime.distributed == "torchrun" and not distributed.under_torchrun():
         params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
@@ -50,8 +50,6 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
 
 def main(params: Params, root: Path, k: int) -> None:
     """Round k; under torchrun this process is one rank of a data-parallel run."""
-    from chexops.runtime import configure_torch, resolve_device
-    from chexops.training import distributed
 
     configure_torch(params.runtime)
     with distributed.process_group(resolve_device(params.runtime),
@@ -73,10 +71,6 @@ class _Start:
 
 
 def _start(params: Params, root: Path, k: int) -> _Start:
-    from chexops.model.coding import needs_teacher
-    from chexops.runtime import seed_everything
-    from chexops.training import checkpoint
-    from chexops.training.teacher import resolve_teacher
 
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
@@ -102,8 +96,6 @@ def _log_inputs(stage_run: Any, params: Params, root: Path, k: int, start: _Star
 
 
 def _main(params: Params, root: Path, k: int, device) -> None:
-    from chexops.tracking import runs as tracking
-    from chexops.training import distributed
 
     start = _start(params, root, k)
     tracked = (tracking.stage_run(params, root, rounds.stage_name(k),
@@ -122,8 +114,6 @@ def _main(params: Params, root: Path, k: int, device) -> None:
 
 def _train(params: Params, root: Path, k: int, device, start: _Start, train, valid,
            teacher: dict | None, stage_run: Any) -> None:
-    from chexops.training import distributed
-    from chexops.training.loop import train_round
 
     plan, found_lr = rounds.resolve_auto_lr(start.plan, params, k, start.model, train, device,
                                             stage_run, start.resume["lr_found"])

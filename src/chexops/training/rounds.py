@@ -19,7 +19,21 @@ import pandas as pd
 
 from chexops import atomic, paths
 from chexops.config import Params, ResampleDraw, to_dict
+from chexops.data.batches import ArraySet
+from chexops.data.images import image_store
+from chexops.data.resample import resample_frame
 from chexops.errors import ChexopsError
+from chexops.evaluation.confusion import confusion_figure
+from chexops.hashing import file_md5
+from chexops.model.coding import encode_labels, needs_teacher, output_coding
+from chexops.model.network import build_model, pretrained_path
+from chexops.model.weights import load_model, params_recipe
+from chexops.paths import image_cache_dir
+from chexops.tracking.provenance import dvc_code_md5s, dvc_input_md5s
+from chexops.training import checkpoint, distributed
+from chexops.training.loop import RoundPlan
+from chexops.training.lr_finder import auto_lr
+from chexops.training.teacher import self_train
 
 
 def stage_name(k: int) -> str:
@@ -45,7 +59,6 @@ def previous_weights(root: Path, k: int) -> Path | None:
 def fresh_draw(params: Params, root: Path, draw: ResampleDraw) -> pd.DataFrame:
     """The seed study's new sample for a round: resample the clean training rows with the
     round's own seed, then keep draw.size rows (all when 0)."""
-    from chexops.data.resample import resample_frame
 
     labels = pd.read_parquet(_require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first"))
     train = labels[~labels["valid"].astype(bool)]
@@ -77,10 +90,6 @@ def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
 def array_set(params: Params, root: Path, df: pd.DataFrame):
     """Rows index the shared decoded-image store (memory-mapped, no copy: at 320 px a CheXpert
     round's images are ~12 GB); repeated rows (oversampling) share one image."""
-    from chexops.data.batches import ArraySet
-    from chexops.data.images import image_store
-    from chexops.model.coding import encode_labels
-    from chexops.paths import image_cache_dir
 
     uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
     pixels, slots = image_store(root / paths.RAW_ZIP, uniq.tolist(), params.train.image_size,
@@ -92,8 +101,6 @@ def array_set(params: Params, root: Path, df: pd.DataFrame):
 def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any, dict | None]:
     """The training ArraySet; under U-SelfTrained the teacher relabels its uncertain labels
     (returns the teacher's identity for MLflow, else None)."""
-    from chexops.model.coding import needs_teacher
-    from chexops.training.teacher import self_train
 
     data = array_set(params, root, df)
     if not needs_teacher(params):
@@ -114,8 +121,6 @@ def input_files(root: Path, k: int, fresh: bool) -> list[Path]:
 def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) -> dict[str, str]:
     """md5 of each input as DVC records it (dvc.lock), else computed from the files; plus, for
     round 1, the `model.pretrained` weights file's md5 under its path as written in params."""
-    from chexops.hashing import file_md5
-    from chexops.tracking.provenance import dvc_input_md5s
 
     try:
         found = dvc_input_md5s(root, stage_name(k))
@@ -132,8 +137,6 @@ def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) ->
 def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
     """{model.pretrained as written: md5} when it names a weights file (it is resolved against
     the repository root); empty for true/false, or a missing file (the model build says so)."""
-    from chexops.hashing import file_md5
-    from chexops.model.network import pretrained_path
 
     path = pretrained_path(params.model, root)
     if path is None or not path.is_file():
@@ -143,7 +146,6 @@ def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
 
 def code_md5s(root: Path, k: int) -> dict[str, str]:
     """md5 of each code dep (src/...) of the stage in dvc.yaml, from the files now."""
-    from chexops.tracking.provenance import dvc_code_md5s
 
     return dvc_code_md5s(root, stage_name(k))
 
@@ -151,7 +153,6 @@ def code_md5s(root: Path, k: int) -> dict[str, str]:
 def round_fingerprint(params: Params, root: Path, k: int, md5s: dict[str, str]) -> str:
     """What a checkpoint must match to be resumed: params, data inputs (and pretrained weights),
     and the stage's code, so epochs trained by other code are never continued."""
-    from chexops.training import checkpoint
 
     return checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s,
                                    "code": code_md5s(root, k)})
@@ -211,7 +212,6 @@ def round_metrics(result) -> dict[str, Any]:
 
 def log_best(stage_run, root: Path, k: int, result) -> None:
     """The best epoch's confusion matrix (JSON and figure) and weights, on the MLflow run."""
-    from chexops.evaluation.confusion import confusion_figure
 
     per = result.best_metrics["targets"]
     stage_run.log_dict({t: m["confusion"] for t, m in per.items()}, "confusion.json")
@@ -228,8 +228,6 @@ def log_best(stage_run, root: Path, k: int, result) -> None:
 # ---------------------------------------------------------------- main
 
 def plan_for(params: Params, k: int):
-    from chexops.model.coding import output_coding
-    from chexops.training.loop import RoundPlan
 
     r = params.round(k)  # lr may be "auto": the stage replaces it by the LR finder's choice
     lr = params.lr if r.lr is None else r.lr  # config lets only round 1 inherit the top-level lr
@@ -241,9 +239,6 @@ def build_start_model(params: Params, prev: Path | None, root: Path | None = Non
     """Round k-1's weights in the network params describe (a file made with other model params
     raises ChexopsError), or (round 1) the model with model.pretrained, a relative weights path
     resolved against `root` (the repository root)."""
-    from chexops.model.coding import output_coding
-    from chexops.model.network import build_model
-    from chexops.model.weights import load_model, params_recipe
 
     if prev is not None:  # round k-1's weights replace any pretrained ones
         return load_model(prev, recipe=params_recipe(params))[0]
@@ -254,7 +249,6 @@ def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_ru
                     lr_found: float | None = None):
     """`lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
     round reuses the choice stored in its checkpoint (`lr_found`) instead of re-running it."""
-    from chexops.training.lr_finder import auto_lr
 
     if plan.lr != "auto":
         return plan, None
@@ -269,7 +263,6 @@ def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_ru
 def resume_info(ckpt_path: Path, fingerprint: str) -> dict[str, Any]:
     """{run_id, lr_found} of the checkpoint this round will resume (both None when none): read
     by rank 0 and broadcast, so every rank takes the same path (e.g. skips the LR range test)."""
-    from chexops.training import checkpoint, distributed
 
     info: dict[str, Any] = {"run_id": None, "lr_found": None}
     if distributed.is_main():

@@ -59,7 +59,7 @@ def test_two_writers_share_the_embedded_sqlite_store_without_losing_runs(tmp_pat
 
     store = tmp_path / "shared.db"
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     n = 4
     with contextlib.ExitStack() as stack:  # a failure or a hang stops both writers' groups
         procs = []

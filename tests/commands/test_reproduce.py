@@ -231,7 +231,7 @@ def cli_dirs(tmp_path: Path) -> tuple[Path, Path]:
     repo, work = tmp_path / "repo", tmp_path / "work"
     repo.mkdir()
     work.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", repo / "params.yaml")
     return repo, work
 
 
@@ -623,7 +623,7 @@ def test_unexpected_failure_is_one_line_naming_the_step_and_leaves_nothing(tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     work = tmp_path / "work"
     work.mkdir()
-    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
     code = cli.main(["--root", str(repo), "--params", str(params), "reproduce", trial,
                      "--workdir", str(work)])
     err = capfd.readouterr().err

@@ -18,7 +18,7 @@ from chexops.stages import train_round as stage
 from chexops.training import rounds
 from chexops.model.coding import masked_bce
 from chexops.model.coding import OutputCoding, encode_labels, output_coding, relabel
-from tests.test_train_round_stage import frame, params, root, runs  # noqa: F401 (fixtures)
+from tests.stages.test_train_round import frame, params, root, runs  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
 RAW = np.array([[1], [0], [-1], [np.nan]], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""The evaluate stage with issue 6's additions, end to end on a tiny real model (resnet18, 32 px):
+"""The evaluate stage's statistics, report, Grad-CAM and registry, end to end on a tiny real model (resnet18, 32 px):
 CIs, operating point, calibration and subgroups in metrics/evaluate.json; predictions.parquet,
 Grad-CAM grids and a self-contained report.html; the model registered as champion; and
 `compare workspace <trial>` working on what the stage wrote."""

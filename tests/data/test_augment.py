@@ -11,8 +11,8 @@ from chexops import paths
 from chexops.data.augment import PRESETS, Augmenter, augment_batch, make_augmenter, resolve
 from chexops.config import AugmentConfig, ConfigError, TrainConfig
 from chexops.stages import train_round as stage
-from tests.test_train import new_model, plan, tiny_data, weights
-from tests.test_train_round_stage import params, root, runs  # noqa: F401 (fixtures)
+from tests.training.test_loop import new_model, plan, tiny_data, weights
+from tests.stages.test_train_round import params, root, runs  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
 

@@ -179,7 +179,8 @@ def test_fresh_draw_uses_resample_frame_with_the_rounds_seed_and_size(root, monk
 
 
 def test_round_out_of_range_is_refused(root):
-    # (multiclass, selftrained and lr: auto are supported since issue 5: tests/test_recipe.py)
+    # (multiclass, selftrained and lr: auto are tested in tests/model/test_uncertainty.py and
+    # tests/training/test_lr_finder.py)
     with pytest.raises(ChexopsError, match="round 6 does not exist"):
         stage.main(params(), root, 6)
 
@@ -328,15 +329,13 @@ def test_round_one_with_pretrained_file_tags_its_md5_and_resolves_from_the_root(
 def test_resumed_auto_lr_round_reuses_the_lr_found(root, runs, monkeypatch):
     """`lr: auto`: the range test runs once; the resume trains with the LR stored in the
     checkpoint and matches an uninterrupted run."""
-    import chexops.training.lr_finder as lr_find
-
     found = []
 
     def fake_auto_lr(model, data, plan, device, cfg, where, stage_run=None):
         found.append(where)
         return 2e-3, None
 
-    monkeypatch.setattr(lr_find, "auto_lr", fake_auto_lr)
+    monkeypatch.setattr(rounds, "auto_lr", fake_auto_lr)
     p = params(rounds={"r1": {"epochs": 2, "freeze": False, "lr": "auto"}})
     stage.main(p, root, 1)
     uninterrupted = load_file(str(root / paths.round_weights(1)))
@@ -348,7 +347,7 @@ def test_resumed_auto_lr_round_reuses_the_lr_found(root, runs, monkeypatch):
     assert torch.load(ck, weights_only=True)["lr_found"] == 2e-3
     assert len(found) == 2
     restore()
-    monkeypatch.setattr(lr_find, "auto_lr",
+    monkeypatch.setattr(rounds, "auto_lr",
                         lambda *a, **k: pytest.fail("the LR range test ran again on resume"))
     stage.main(p, root, 1)
     assert runs[2][1] == runs[1][0].run_id                        # it did resume

@@ -16,8 +16,8 @@ from chexops.config import LRFindConfig
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
 from chexops.inference.settings import Settings
-from tests.test_train import new_model, plan, tiny_data
-from tests.test_train_round_stage import params, root, runs  # noqa: F401 (fixtures)
+from tests.training.test_loop import new_model, plan, tiny_data
+from tests.stages.test_train_round import params, root, runs  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
 CPU = Settings(torch.device("cpu"))
@@ -129,7 +129,7 @@ def test_lr_find_command_writes_the_plot_and_prints_the_suggestion(tmp_path):
     from chexops.config import to_dict
     from tests.pipeline_repo import VENV_BIN, pipeline_env
     from tests.processes import run_group
-    from tests.test_train_round_stage import frame
+    from tests.stages.test_train_round import frame
     from tests.tiny_model import tiny_weights
 
     repo = tmp_path / "repo"

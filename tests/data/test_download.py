@@ -378,7 +378,7 @@ def test_synthetic_data_follows_its_own_seed_not_the_training_seed(tmp_path, sta
 
 
 def test_download_stage_depends_only_on_keys_that_change_the_zip():
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["download"]
     listed = set(stage["params"])
     synthetic = {f"data.synthetic.{k}" for k in yaml.safe_load(

@@ -17,7 +17,7 @@ from chexops.tracking import runs as tracking
 from chexops.config import load_params
 from chexops.errors import ChexopsError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ZIP_BYTES = b"zip bytes"
 
 DVC_YAML = {"stages": {

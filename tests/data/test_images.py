@@ -266,7 +266,7 @@ def test_train_round_rows_index_the_memory_mapped_store_without_a_copy(tmp_path,
     from chexops import paths
     from chexops.stages import train_round
     from chexops.training import rounds
-    from tests.test_train_round_stage import params
+    from tests.stages.test_train_round import params
 
     (tmp_path / paths.RAW_ZIP).parent.mkdir(parents=True)
     shutil.copy(tiny_chexpert_zip, tmp_path / paths.RAW_ZIP)

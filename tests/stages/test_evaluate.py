@@ -17,7 +17,7 @@ from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
 from chexops.config import load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 Y = np.array([0, 0, 0, 1, 1, 0, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.3, 0.6, 0.9, 0.2])
 
@@ -124,8 +124,8 @@ def stage_repo(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "chexops.inference.frames",
                         types.SimpleNamespace(predict_frame=predict_frame))
-    # issue 6: these weights are fake bytes, so no Grad-CAM and no registry here; both are tested
-    # with a real tiny model in tests/test_evaluate_report.py
+    # these weights are fake bytes, so no Grad-CAM and no registry here; both are tested
+    # with a real tiny model in tests/stages/test_evaluate_report.py
     from chexops.stages import evaluate_report
     monkeypatch.setattr(evaluate_report, "_gradcam_figures", lambda *a, **k: {})
     monkeypatch.setattr(evaluate_report, "register_model", lambda *a, **k: None)

@@ -31,7 +31,7 @@ from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
 from tests.processes import run_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "ddp_worker.py"
 
 

@@ -81,7 +81,7 @@ def test_all_nine_stages_ran_and_are_locked(repo):
     for k in range(1, 6):
         assert (repo / f"models/round-{k}/best.safetensors").stat().st_size > 1_000_000
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())["Cardiomegaly"]
-    # the reduced run is too small to promise learning (tests/test_default_pipeline.py does);
+    # the reduced run is too small to promise learning (tests/pipeline/test_default_pipeline.py does);
     # here: every figure of the seed's table is there, and the ceiling from the hidden truth
     assert isinstance(evaluation["auroc"], float) and 0.0 <= evaluation["auroc"] <= 1.0
     for key in ("precision", "recall", "error_rate", "confusion", "ceiling_auroc"):
@@ -96,6 +96,23 @@ def test_noop_repro_has_nothing_to_do(repo):
     out = run(["dvc", "repro"], repo, pipeline_env()).stdout
     assert "up to date" in out, out
     assert len(trial_runs(all_runs(repo))) == trials_before  # nothing ran: no new trial
+
+
+@pytest.mark.parametrize("module", ["src/chexops/evaluation/figures.py",
+                                    "src/chexops/evaluation/report.py",
+                                    "src/chexops/inference/gradcam.py"])
+def test_editing_report_code_changes_evaluate_and_no_training_round(repo, module):
+    """A figure, report or Grad-CAM edit must never retrain: DVC sees evaluate change, and
+    nothing before it (minutes here, hours on real CheXpert)."""
+    path = repo / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# a wording change in the report\n")
+        out = run(["dvc", "status", "--json"], repo, pipeline_env()).stdout
+        assert set(json.loads(out)) == {"evaluate"}, out
+    finally:
+        path.write_bytes(original)
+    assert "up to date" in run(["dvc", "status"], repo, pipeline_env()).stdout
 
 
 def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
