@@ -138,7 +138,8 @@ def test_decode_gives_the_training_cache_pixels(tmp_path):
     the very uint8 array the training image cache (chexops.data.images) holds for them."""
     import zipfile
 
-    from chexops.data.images import ZipImages, load_image_array
+    from chexops.data.images import load_image_array
+    from chexops.data.zipimages import ZipImages
 
     rng = np.random.default_rng(7)
     files = {}

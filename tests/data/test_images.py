@@ -8,8 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from chexops.data import images
-from chexops.data.images import ZipImages, check_images, check_member_path, image_store, load_image_array
+from chexops.data import images, zipimages
+from chexops.data.images import image_store, load_image_array
+from chexops.data.zipimages import ZipImages, check_images, check_member_path
 from chexops.errors import ChexopsError
 from tests.helpers import chexpert_rows, jpeg_bytes, write_chexpert_zip
 
@@ -68,8 +69,9 @@ def test_load_image_array_caches_once_and_workers_agree(tiny_chexpert_zip, tmp_p
 def count_decodes(monkeypatch) -> list:
     """Patch the decoder to record each call (same process: workers <= 1)."""
     calls = []
-    real = images.decode
-    monkeypatch.setattr(images, "decode", lambda data, size=None: calls.append(size) or real(data, size))
+    real = zipimages.decode
+    monkeypatch.setattr(zipimages, "decode",
+                        lambda data, size=None: calls.append(size) or real(data, size))
     return calls
 
 

@@ -82,13 +82,13 @@ def root(tmp_path, monkeypatch, runs):
     pd.concat([frame(30, False, start=200), valid]).to_parquet(tmp_path / paths.CLEAN_LABELS)
     (tmp_path / paths.RAW_ZIP).parent.mkdir(parents=True)
     (tmp_path / paths.RAW_ZIP).write_bytes(b"stands in for the zip")
-    images = types.ModuleType("chexops.data.images")
+    images = types.ModuleType("chexops.data.images")  # for the code that imports it late
     images.load_image_array = fake_images
-    # the real store maps every member; this one holds just the requested paths, slot = position
-    images.image_store = lambda zip_path, ps, size, *a: (
-        sys.modules["chexops.data.images"].load_image_array(zip_path, ps, size, *a),
-        np.arange(len(ps)))
     monkeypatch.setitem(sys.modules, "chexops.data.images", images)
+    # the real store maps every member; this one holds just the requested paths, slot = position
+    monkeypatch.setattr(rounds, "image_store", lambda zip_path, ps, size, *a: (
+        sys.modules["chexops.data.images"].load_image_array(zip_path, ps, size, *a),
+        np.arange(len(ps))))
 
     monkeypatch.setattr(tracking, "stage_run", fake_stage_run(runs, by_stage=False))
     return tmp_path

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, params: "Params", root: Path) -> None:
         raise ChexopsError(f"--alpha {args.alpha} must be within (0, 1), e.g. 0.05")
     a, b = resolve(args.a, params, root), resolve(args.b, params, root)
     check_same_data(a, b)
-    n_boot = max(1000, int(getattr(params.evaluate, "bootstrap", 1000)))
+    n_boot = params.evaluate.bootstrap
     results = [compare_target(a, b, t, params.evaluate.threshold, n_boot, params.seed,
                               args.alpha, args.per_study) for t in targets_of(a.predictions)]
     if args.json:

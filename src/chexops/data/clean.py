@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from chexops.config import OBSERVATIONS, Params
-from chexops.data.images import ZipImages, check_images, check_member_path, find_root
 from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
+from chexops.data.zipimages import ZipImages, check_images, check_member_path, find_root
 from chexops.errors import ChexopsError
 
 STAGE = "clean"

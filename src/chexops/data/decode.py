@@ -72,7 +72,7 @@ def _training_decode(data: bytes | Path, size: int) -> np.ndarray:
     """The training cache's decode (draft + Lanczos squish) on an already vetted image."""
     from PIL import Image
 
-    from chexops.data.images import decode
+    from chexops.data.zipimages import decode
 
     try:
         with warnings.catch_warnings():  # vetted by _open: between 1x and 2x PIL's limit

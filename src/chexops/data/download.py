@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from chexops import paths
 from chexops.config import Params, url_in_source_message
-from chexops.data.images import check_member_path, find_root
 from chexops.data.schema import CHEXPERT_ROOTS
+from chexops.data.zipimages import check_member_path, find_root
 from chexops.errors import ChexopsError
 from chexops.redact import redact_url
 

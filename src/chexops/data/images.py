@@ -1,134 +1,26 @@
-"""Reading images straight out of the CheXpert zip, and the decoded-image cache.
-
-The zip is one DVC object; images are never unpacked to 224k loose files. Decoded,
-resized images live in one memory-mapped uint8 store per (zip content, size, decoder version)
-under the cache folder: one slot per image member, filled lazily as path lists ask for them,
-shared by every round, resample draw and trial over the same data.
+"""The decoded-image store: decoded, resized images live in one memory-mapped uint8 store per
+(zip content, size, decoder version) under the cache folder: one slot per image member, filled
+lazily as path lists ask for them, shared by every round, resample draw and trial over the same
+data. Reading the zip itself is chexops.data.zipimages.
 """
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
 import os
-import posixpath
-import re
 import time
 import zipfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import numpy as np
 from filelock import FileLock
-from PIL import Image
 
 from chexops import atomic
-from chexops.data.schema import CHEXPERT_ROOTS
+from chexops.data.zipimages import ZipImages, check_member_path
 from chexops.errors import ChexopsError
 
 _CHUNK = 256
-
-
-def check_member_path(path: str, root: str | None = None) -> None:
-    """Raise for a path that is absolute, climbs with '..', or leaves the data root."""
-    p = str(path)
-    if (not p or p.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", p)
-            or "\\" in p or "\0" in p):
-        raise ChexopsError(f"image path {p!r} is absolute or malformed; paths must be relative "
-                           f"to the data root, like {CHEXPERT_ROOTS[0]}/train/patient00001/...")
-    parts = p.split("/")
-    if ".." in parts or posixpath.normpath(p) != p.rstrip("/"):
-        raise ChexopsError(f"image path {p!r} escapes the data root ('..' or '.' parts); "
-                           f"fix the CSV so every path stays inside the data root")
-    if root is not None and parts[0] != root:
-        raise ChexopsError(f"image path {p!r} is outside the data root {root}/; "
-                           f"fix the CSV so every path starts with {root}/")
-
-
-def find_root(names: list[str] | set[str]) -> str | None:
-    """The CheXpert top folder of a zip: one holding both train.csv and valid.csv."""
-    names = set(names)
-    for root in CHEXPERT_ROOTS:
-        if {f"{root}/train.csv", f"{root}/valid.csv"} <= names:
-            return root
-    return None
-
-
-def decode(data: str | Path | IO[bytes], size: int | None = None) -> np.ndarray:
-    """Greyscale uint8 pixels (H, W), from a path or an open binary file; with `size`, squished
-    to (size, size) (the whole thorax kept) with JPEG draft decoding and Lanczos."""
-    with Image.open(data) as img:
-        if size is not None:
-            img.draft("L", (size, size))          # JPEG DCT scaling: much less work
-        grey = img.convert("L")
-        if size is not None and grey.size != (size, size):
-            grey = grey.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(grey, dtype=np.uint8)
-
-
-# What a truncated or corrupt image raises while decoding (UnidentifiedImageError and
-# "image file is truncated" are OSErrors; zip CRC failures are BadZipFile).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-                 zipfile.BadZipFile)
-
-
-def undecodable(member: str, zip_path: Path, exc: BaseException) -> ChexopsError:
-    reason = " ".join(str(exc).split())[:120]
-    return ChexopsError(f"{member} in {zip_path} cannot be decoded ({exc.__class__.__name__}: "
-                        f"{reason}): the image is truncated or corrupt; set clean.image_check: full "
-                        f"and re-run `dvc repro clean` (it drops such images), or remove the file "
-                        f"from the data source")
-
-
-class ZipImages:
-    """Images of one CheXpert zip, read member by member (one open handle)."""
-
-    def __init__(self, zip_path: str | Path):
-        self.path = Path(zip_path)
-        try:
-            self.zf = zipfile.ZipFile(self.path)
-        except (FileNotFoundError, zipfile.BadZipFile) as exc:
-            raise ChexopsError(f"{self.path}: cannot open the image zip ({exc.__class__.__name__}); "
-                               f"run `dvc repro download`") from None
-        self.names = set(self.zf.namelist())
-        self.root = find_root(self.names) or CHEXPERT_ROOTS[0]
-
-    def read(self, member: str, size: int | None = None) -> np.ndarray:
-        """Decoded pixels of `member`; KeyError when absent, ChexopsError when undecodable."""
-        check_member_path(member)
-        with self.zf.open(member) as fh:
-            try:
-                return decode(fh, size)
-            except DECODE_ERRORS as exc:
-                raise undecodable(member, self.path, exc) from None
-
-    def close(self) -> None:
-        self.zf.close()
-
-    def __enter__(self) -> "ZipImages":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def check_images(zip_path: str | Path, paths: list[str]) -> list[tuple[str, str]]:
-    """(path, reason) for every image that is missing or whose header is unreadable.
-
-    A header check (PIL's open reads the markers up to the frame size), not a full decode,
-    so 224k images take seconds."""
-    bad: list[tuple[str, str]] = []
-    with ZipImages(zip_path) as zi:
-        for p in paths:
-            if p not in zi.names:
-                bad.append((p, "missing"))
-                continue
-            try:
-                with zi.zf.open(p) as fh, Image.open(fh) as img:
-                    if img.size[0] < 1 or img.size[1] < 1:
-                        bad.append((p, "empty image"))
-            except Exception as exc:  # any decoder complaint means unusable
-                bad.append((p, f"unreadable ({exc.__class__.__name__})"))
-    return bad
 
 
 # ---------------------------------------------------------------- decoded-image cache

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from chexops.config import RuntimeConfig, TrainConfig
-from chexops.errors import ChexopsError
 from chexops.model.coding import masked_bce
 
 CPU_AUTO_BATCH = 16       # batch_size: auto on CPU: memory is not the limit there; the seed's 16
@@ -54,9 +53,6 @@ def resolve_settings(runtime: RuntimeConfig, train: TrainConfig,
                      device: torch.device) -> Settings:
     """AMP (bf16 where supported) and channels_last only on CUDA; CPU runs stay fp32."""
     cuda = device.type == "cuda"
-    if runtime.amp == "fp16":
-        raise ChexopsError("runtime.amp: fp16 is not supported by training (it needs loss "
-                           "scaling); use auto, bf16 or off")
     amp = None
     if cuda and runtime.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         amp = torch.bfloat16
