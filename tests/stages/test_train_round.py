@@ -168,9 +168,7 @@ def test_fresh_draw_uses_resample_frame_with_the_rounds_seed_and_size(root, monk
         calls.append((len(df), target, strategy, fraction, seed, bool(df["valid"].any())))
         return pd.concat([df, df[df[target] == 1]]).reset_index(drop=True)
 
-    module = types.ModuleType("chexops.data.resample")
-    module.resample_frame = resample_frame
-    monkeypatch.setitem(sys.modules, "chexops.data.resample", module)
+    monkeypatch.setattr(rounds, "resample_frame", resample_frame)
     drawn = rounds.fresh_draw(params(), root, params().round(3).resample)
     assert calls == [(30, "Cardiomegaly", "oversample", 1.0, 5, False)]
     assert len(drawn) == 12
