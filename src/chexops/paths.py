@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chexops.errors import ChexopsError
+
 RAW_DIR = Path("data/raw")
 RAW_ZIP = RAW_DIR / "chexpert.zip"                 # the CheXpert zip, one DVC object
 TRUTH = RAW_DIR / "synthetic_truth.parquet"        # synthetic only; training never reads it
@@ -17,6 +19,8 @@ CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpo
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 DVC_TEMP_MARKER = "/.dvc/tmp/exps/"             # where `dvc exp run --temp/--queue` works
+EVALUATE_PLOTS = PLOTS_DIR / "evaluate"            # roc, precision-recall, confusion, calibration
+EVALUATE_REPORT = Path("reports/evaluate")         # report.md/html, figures, predictions.parquet
 RUNS_DIR = Path("runs")                            # runs/<stage>.json: the MLflow run that made an output
 
 
@@ -52,3 +56,11 @@ def image_cache_dir(root: str | Path) -> Path:
     """The decoded-image cache of the MAIN repository (<repo>/data/cache), also from a DVC
     experiment workspace (<repo>/.dvc/tmp/exps/...), so queued and --temp trials share it."""
     return main_repo_root(root) / CACHE_DIR
+
+
+def require(root: str | Path, rel: Path, fix: str) -> Path:
+    """root/rel, an input a stage reads; a ChexopsError "<rel> not found; <fix>" when it is not
+    there yet (fix: the stage to run first)."""
+    if not (Path(root) / rel).is_file():
+        raise ChexopsError(f"{rel.as_posix()} not found; {fix}")
+    return Path(root) / rel

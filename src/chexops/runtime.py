@@ -68,6 +68,12 @@ def resolve_device(runtime: RuntimeConfig) -> "torch.device":
                            f"use auto, cpu, cuda or cuda:N") from None
 
 
+def prepare(runtime: RuntimeConfig) -> "torch.device":
+    """configure_torch, then resolve_device: what every command that runs a model does first."""
+    configure_torch(runtime)
+    return resolve_device(runtime)
+
+
 def rank() -> int:
     """This process's rank in a torch.distributed group (0 outside one, as in a plain run)."""
     import torch.distributed as dist

@@ -180,7 +180,6 @@ def _aligned(trial: Trial, target: str, order: "pd.Series", per_study: bool
 def compare_target(a: Trial, b: Trial, target: str, threshold: float = 0.5, n_boot: int = 1000,
                    seed: int = 0, alpha: float = 0.05, per_study: bool = False) -> dict[str, Any]:
     """Both trials' metrics with bootstrap CIs, and the paired DeLong test of B - A."""
-
     order = a.predictions["Path"].sort_values()
     y, pa = _aligned(a, target, order, per_study)
     _, pb = _aligned(b, target, order, per_study)

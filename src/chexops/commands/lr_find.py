@@ -8,14 +8,13 @@ from pathlib import Path
 from chexops import atomic
 from chexops.config import Params
 from chexops.inference.settings import resolve_settings
-from chexops.runtime import configure_torch, resolve_device, seed_everything
+from chexops.runtime import prepare, seed_everything
 from chexops.training import rounds
 from chexops.training.loop import with_recipe
 from chexops.training.lr_finder import RULE, LRFindResult, figure, range_test
 
 
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
-
     out = Path(args.out) if args.out else Path("plots/lr-find") / f"round-{args.k}.png"
     out = out if out.is_absolute() else root / out
     result = find_for_round(params, root, args.k)
@@ -31,9 +30,7 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
 
 def find_for_round(params: Params, root: Path, k: int) -> LRFindResult:
     """The range test for round k's data and starting weights, without training."""
-
-    configure_torch(params.runtime)
-    device = resolve_device(params.runtime)
+    device = prepare(params.runtime)
     plan = rounds.plan_for(params, k)
     train_df, _ = rounds.load_frames(params, root, k)
     seed_everything(params.seed)

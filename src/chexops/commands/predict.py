@@ -24,6 +24,7 @@ import numpy as np
 from chexops import atomic
 from chexops.data.decode import decode_all
 from chexops.errors import ChexopsError
+from chexops.evaluation.targets import slug
 from chexops.inference import gradcam
 from chexops.inference.predictor import Predictor, predictor_from_weights
 from chexops.tracking.registry import load_registered
@@ -56,7 +57,6 @@ def to_text(frame: pd.DataFrame, fmt: str) -> str:
 def write_heatmaps(predictor: Predictor, sources: list[Any], frame: pd.DataFrame,
                    out_dir: Path) -> list[Path]:
     """One Grad-CAM overlay PNG per readable image and target, in out_dir."""
-
     ok = [i for i, e in enumerate(frame["error"]) if not e]
     images, _ = decode_all([sources[i] for i in ok], predictor.image_size)
     written: list[Path] = []
@@ -64,7 +64,7 @@ def write_heatmaps(predictor: Predictor, sources: list[Any], frame: pd.DataFrame
         cams: Any = (gradcam.gradcam(predictor.model, images, j, predictor.device,
                                 coding=predictor.coding) if ok else [])
         for k, i in enumerate(ok):
-            name = f"{Path(str(frame['image'][i])).stem}-{gradcam.slug(target)}.png"
+            name = f"{Path(str(frame['image'][i])).stem}-{slug(target)}.png"
             path = out_dir / f"{i:04d}-{name}"
             with atomic.atomic_path(path, ".png") as tmp:
                 gradcam.overlay_image(images[k], cams[k]).save(tmp, format="PNG")

@@ -157,4 +157,5 @@ def stack_curves(curves: dict[str, dict[str, pd.DataFrame]], kind: str) -> pd.Da
 
 
 def slug(name: str) -> str:
+    """A target name as a file-name part: "Pleural Effusion" -> "pleural-effusion"."""
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

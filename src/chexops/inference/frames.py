@@ -10,14 +10,7 @@ import torch
 
 from chexops.config import Params
 from chexops.paths import image_cache_dir
-
-
-def device_and_threads(params: Params) -> torch.device:
-    """The device runtime params choose, with torch's threads and determinism set for it."""
-    from chexops.runtime import configure_torch, resolve_device
-
-    configure_torch(params.runtime)
-    return resolve_device(params.runtime)
+from chexops.runtime import prepare
 
 
 def load_images(params: Params, df: pd.DataFrame, zip_path: str | Path, root: str | Path) -> np.ndarray:
@@ -45,7 +38,7 @@ def predict_frame(params: Params, weights_path: str | Path, df: pd.DataFrame,
     n_targets = len(params.targets)
     if len(df) == 0:
         return np.zeros((0, n_targets))
-    device = device_and_threads(params)
+    device = prepare(params.runtime)
     model, recipe = load_model(weights_path, recipe=params_recipe(params))
     model.to(device)
     images = load_images(params, df, zip_path, root)

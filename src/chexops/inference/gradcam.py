@@ -7,7 +7,6 @@ positives, false negatives and false positives and saves them as PNG grids.
 """
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,10 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from chexops.model.network import ChexNet
 
 KINDS = ("TP", "FN", "FP")
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def target_score(logits: "torch.Tensor", target: int,

@@ -22,6 +22,8 @@ from chexops.config import Params
 from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.data.decode import decode_all
 from chexops.inference.settings import Settings
+from chexops.model.coding import coding_from_metadata
+from chexops.model.weights import load_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from chexops.model.coding import OutputCoding
@@ -82,8 +84,6 @@ class Predictor:
 
     def __post_init__(self) -> None:
         # the same default and length check as weights metadata without / with a coding
-        from chexops.model.coding import coding_from_metadata
-
         recorded = {} if self.coding is None else {"coding": self.coding.to_str()}
         self.coding = coding_from_metadata(recorded, self.targets)
 
@@ -99,8 +99,6 @@ class Predictor:
 
     def predict(self, sources: list[Any], names: list[str] | None = None) -> pd.DataFrame:
         """One row per source: image, a probability per target (NaN when flagged), error."""
-        import pandas as pd
-
         images, errors = decode_all(sources, self.image_size)
         ok = np.array([e is None for e in errors], dtype=bool)
         probs = np.full((len(sources), len(self.targets)), np.nan)
@@ -117,8 +115,6 @@ def predictor_from_weights(weights: str | Path, params: "Params",
     """A local safetensors file as a Predictor on `device` (default CPU): architecture, targets
     and output coding from its metadata when recorded (train rounds write them), the head and
     image size from params. Raises ChexopsError as chexops.model.weights.load_model does."""
-    from chexops.model.weights import load_model
-
     model, recipe = load_model(weights, params)
     device = device or torch.device("cpu")
     return Predictor(model.to(device).eval(), recipe.targets, params.train.image_size, device,

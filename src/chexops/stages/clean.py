@@ -7,15 +7,12 @@ from pathlib import Path
 from chexops import atomic, paths
 from chexops.config import Params
 from chexops.data.clean import STAGE, clean_table, print_counts
-from chexops.errors import ChexopsError
 from chexops.tracking import runs as tracking
 
 
 def main(params: Params, root: Path) -> None:
     root = Path(root)
-    zip_path = root / paths.RAW_ZIP
-    if not zip_path.is_file():
-        raise ChexopsError(f"{paths.RAW_ZIP} not found; run `dvc repro download` first")
+    zip_path = paths.require(root, paths.RAW_ZIP, "run `dvc repro download` first")
     with tracking.stage_run(params, root, STAGE) as run:
         df, bad, metrics = clean_table(zip_path, params)
         out_dir = root / paths.CLEAN_LABELS.parent

@@ -10,7 +10,6 @@ import pandas as pd
 
 from chexops import atomic, paths
 from chexops.config import N_ROUNDS, Params
-from chexops.errors import ChexopsError
 from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
 from chexops.stages import evaluate_report
@@ -19,14 +18,8 @@ from chexops.tracking import runs as tracking
 STAGE = "evaluate"
 FINAL_ROUND = N_ROUNDS   # evaluate scores the last round's weights
 METRICS_FILE = paths.METRICS_DIR / "evaluate.json"
-PLOTS = paths.PLOTS_DIR / "evaluate"
-REPORT_DIR = Path("reports/evaluate")
-
-
-def _require(root: Path, rel: Path, fix: str) -> Path:
-    if not (root / rel).is_file():
-        raise ChexopsError(f"{rel} not found; {fix}")
-    return root / rel
+PLOTS = paths.EVALUATE_PLOTS
+REPORT_DIR = paths.EVALUATE_REPORT
 
 
 def predict(params: Params, root: Path, weights: Path, valid: pd.DataFrame) -> np.ndarray:
@@ -101,8 +94,9 @@ def log_to_run(run: tracking.StageRun, root: Path, params: Params, metrics: dict
 
 def main(params: Params, root: Path) -> None:
     root = Path(root)
-    weights = _require(root, paths.round_weights(FINAL_ROUND), "run `dvc repro train-round-5` first")
-    valid = pd.read_parquet(_require(root, paths.RESAMPLED_VALID, "run `dvc repro resample` first"))
+    weights = paths.require(root, paths.round_weights(FINAL_ROUND),
+                            f"run `dvc repro train-round-{FINAL_ROUND}` first")
+    valid = pd.read_parquet(paths.require(root, paths.RESAMPLED_VALID, "run `dvc repro resample` first"))
     truth = pd.read_parquet(root / paths.TRUTH) if (root / paths.TRUTH).is_file() else None
     with tracking.stage_run(params, root, STAGE) as run:
         probs = predict(params, root, weights, valid)

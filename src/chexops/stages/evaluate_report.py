@@ -1,4 +1,5 @@
-"""Issue 6's part of the evaluate stage, called from stages/evaluate.py in three places:
+"""The evaluate stage's statistics, report, Grad-CAM and registry, called from
+stages/evaluate.py in three places:
 
 1. `extend_metrics` adds CIs, the operating point, calibration, subgroups (and per-study
    metrics) to each target's record of metrics/evaluate.json;
@@ -20,10 +21,11 @@ from chexops import atomic, paths
 from chexops.commands import compare
 from chexops.config import Params
 from chexops.evaluation import analysis, report
+from chexops.evaluation.targets import slug
 
-REPORT_DIR = Path("reports/evaluate")
+REPORT_DIR = paths.EVALUATE_REPORT
 HTML = REPORT_DIR / "report.html"
-PLOTS = paths.PLOTS_DIR / "evaluate"
+PLOTS = paths.EVALUATE_PLOTS
 
 
 def extend_metrics(params: Params, valid: pd.DataFrame, probs: np.ndarray,
@@ -57,7 +59,7 @@ def _gradcam_figures(params: Params, root: Path, valid: pd.DataFrame, probs: np.
                                    labels[mask].astype(int), probs[mask, j], j, t,
                                    params.evaluate.threshold, per_kind, params.seed,
                                    predictor.device, coding=predictor.coding)
-        figures.update({f"gradcam-{gradcam.slug(t)}-{k.lower()}.png": f for k, f in grids.items()})
+        figures.update({f"gradcam-{slug(t)}-{k.lower()}.png": f for k, f in grids.items()})
     return figures
 
 
@@ -74,7 +76,7 @@ def _html(params: Params, metrics: dict[str, Any], result: analysis.Analysis,
         ("Calibration", [extra["reliability.png"]]),
     ]
     for t in params.targets:
-        sections.append((f"{t}: subgroups", [result.subgroups[t], extra[f"subgroups-{compare_slug(t)}.png"]]))
+        sections.append((f"{t}: subgroups", [result.subgroups[t], extra[f"subgroups-{slug(t)}.png"]]))
     cams = [f for name, f in extra.items() if name.startswith("gradcam-")]
     if cams:
         sections.append(("Grad-CAM: true positives, false negatives, false positives", cams))
@@ -93,7 +95,7 @@ def write_outputs(params: Params, root: Path, valid: pd.DataFrame, probs: np.nda
     figures: dict[str, Any] = {"reliability.png": report.reliability_figure(
         result.reliability, {t: metrics[t].get("ece") for t in params.targets})}
     for t in params.targets:
-        figures[f"subgroups-{compare_slug(t)}.png"] = report.subgroup_figure(result.subgroups[t], t)
+        figures[f"subgroups-{slug(t)}.png"] = report.subgroup_figure(result.subgroups[t], t)
     write_plot_tables(root, params.targets, result)
     figures.update(_gradcam_figures(params, root, valid, probs, weights))
     for name, fig in figures.items():
@@ -111,12 +113,6 @@ def write_plot_tables(root: Path, targets: tuple[str, ...], result: analysis.Ana
         frames = [tables[t].assign(target=t) if len(targets) > 1 else tables[t] for t in targets]
         with atomic.atomic_path(root / PLOTS / name, ".csv") as tmp:
             pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
-
-
-def compare_slug(name: str) -> str:
-    from chexops.inference.gradcam import slug
-
-    return slug(name)
 
 
 def register_model(params: Params, run: Any, root: Path, weights: Path) -> str | None:

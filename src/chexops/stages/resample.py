@@ -10,15 +10,12 @@ import pandas as pd
 from chexops import atomic, paths
 from chexops.config import Params
 from chexops.data.resample import STAGE, class_counts, resample_frame, split_frames
-from chexops.errors import ChexopsError
 from chexops.tracking import runs as tracking
 
 
 def main(params: Params, root: Path) -> None:
     root = Path(root)
-    src = root / paths.CLEAN_LABELS
-    if not src.is_file():
-        raise ChexopsError(f"{paths.CLEAN_LABELS} not found; run `dvc repro clean` first")
+    src = paths.require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first")
     target, cfg = params.targets[0], params.resample
     with tracking.stage_run(params, root, STAGE) as run:
         train, valid = split_frames(pd.read_parquet(src))

@@ -28,7 +28,7 @@ from chexops import paths
 from chexops.config import N_ROUNDS, Params
 from chexops.errors import ChexopsError
 from chexops.model.coding import needs_teacher
-from chexops.runtime import configure_torch, resolve_device, seed_everything
+from chexops.runtime import prepare, seed_everything
 from chexops.tracking import runs as tracking
 from chexops.training import checkpoint, distributed, rounds
 from chexops.training.loop import train_round
@@ -38,7 +38,6 @@ from chexops.training.teacher import resolve_teacher
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     """`runtime.distributed: torchrun` re-launches this command under torchrun (so `dvc repro`
     still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank."""
-
     if params.runtime.distributed == "torchrun" and not distributed.under_torchrun():
         params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
         cli = ["--params", str(params_path), "--root", str(root), "train-round", str(args.k)]
@@ -50,10 +49,7 @@ def run(args: argparse.Namespace, params: Params, root: Path) -> None:
 
 def main(params: Params, root: Path, k: int) -> None:
     """Round k; under torchrun this process is one rank of a data-parallel run."""
-
-    configure_torch(params.runtime)
-    with distributed.process_group(resolve_device(params.runtime),
-                                   params.runtime.threads) as ctx:
+    with distributed.process_group(prepare(params.runtime), params.runtime.threads) as ctx:
         _main(params, Path(root), k, ctx.device)
 
 
@@ -71,7 +67,6 @@ class _Start:
 
 
 def _start(params: Params, root: Path, k: int) -> _Start:
-
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
     train_df, valid_df = rounds.load_frames(params, root, k)
@@ -96,7 +91,6 @@ def _log_inputs(stage_run: Any, params: Params, root: Path, k: int, start: _Star
 
 
 def _main(params: Params, root: Path, k: int, device) -> None:
-
     start = _start(params, root, k)
     tracked = (tracking.stage_run(params, root, rounds.stage_name(k),
                                   resume_run_id=start.resume["run_id"])
@@ -114,7 +108,6 @@ def _main(params: Params, root: Path, k: int, device) -> None:
 
 def _train(params: Params, root: Path, k: int, device, start: _Start, train, valid,
            teacher: dict | None, stage_run: Any) -> None:
-
     plan, found_lr = rounds.resolve_auto_lr(start.plan, params, k, start.model, train, device,
                                             stage_run, start.resume["lr_found"])
     meta = {"round": k, "seed": params.seed, "params": rounds.round_params(params, k),

@@ -42,25 +42,18 @@ def stage_name(k: int) -> str:
 
 # ---------------------------------------------------------------- inputs
 
-def _require(root: Path, rel: Path, fix: str) -> Path:
-    if not (root / rel).is_file():
-        raise ChexopsError(f"{rel.as_posix()} not found; {fix}")
-    return root / rel
-
-
 def previous_weights(root: Path, k: int) -> Path | None:
     """Round k-1's best weights (round 1 starts from the model's initial weights)."""
     if k == 1:
         return None
     rel = paths.round_weights(k - 1)
-    return _require(root, rel, f"run `dvc repro {stage_name(k - 1)}` first")
+    return paths.require(root, rel, f"run `dvc repro {stage_name(k - 1)}` first")
 
 
 def fresh_draw(params: Params, root: Path, draw: ResampleDraw) -> pd.DataFrame:
     """The seed study's new sample for a round: resample the clean training rows with the
     round's own seed, then keep draw.size rows (all when 0)."""
-
-    labels = pd.read_parquet(_require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first"))
+    labels = pd.read_parquet(paths.require(root, paths.CLEAN_LABELS, "run `dvc repro clean` first"))
     train = labels[~labels["valid"].astype(bool)]
     out = resample_frame(train, target=params.targets[0], strategy=params.resample.strategy,
                          fraction=1.0, seed=draw.seed)
@@ -71,10 +64,10 @@ def fresh_draw(params: Params, root: Path, draw: ResampleDraw) -> pd.DataFrame:
 
 def load_frames(params: Params, root: Path, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     fix = "run `dvc repro resample` first"
-    valid = pd.read_parquet(_require(root, paths.RESAMPLED_VALID, fix))
+    valid = pd.read_parquet(paths.require(root, paths.RESAMPLED_VALID, fix))
     draw = params.round(k).resample
     train = (fresh_draw(params, root, draw) if draw is not None
-             else pd.read_parquet(_require(root, paths.RESAMPLED_TRAIN, fix)))
+             else pd.read_parquet(paths.require(root, paths.RESAMPLED_TRAIN, fix)))
     return train, valid
 
 
@@ -90,7 +83,6 @@ def label_matrix(params: Params, df: pd.DataFrame) -> np.ndarray:
 def array_set(params: Params, root: Path, df: pd.DataFrame):
     """Rows index the shared decoded-image store (memory-mapped, no copy: at 320 px a CheXpert
     round's images are ~12 GB); repeated rows (oversampling) share one image."""
-
     uniq, index = np.unique(df["Path"].astype(str).to_numpy(), return_inverse=True)
     pixels, slots = image_store(root / paths.RAW_ZIP, uniq.tolist(), params.train.image_size,
                                 image_cache_dir(root), params.runtime.workers)
@@ -101,7 +93,6 @@ def array_set(params: Params, root: Path, df: pd.DataFrame):
 def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any, dict | None]:
     """The training ArraySet; under U-SelfTrained the teacher relabels its uncertain labels
     (returns the teacher's identity for MLflow, else None)."""
-
     data = array_set(params, root, df)
     if not needs_teacher(params):
         return data, None
@@ -121,7 +112,6 @@ def input_files(root: Path, k: int, fresh: bool) -> list[Path]:
 def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) -> dict[str, str]:
     """md5 of each input as DVC records it (dvc.lock), else computed from the files; plus, for
     round 1, the `model.pretrained` weights file's md5 under its path as written in params."""
-
     try:
         found = dvc_input_md5s(root, stage_name(k))
     except ChexopsError:  # no dvc.yaml (a bare checkout or a test): hash the files
@@ -137,7 +127,6 @@ def input_md5s(root: Path, k: int, fresh: bool, params: Params | None = None) ->
 def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
     """{model.pretrained as written: md5} when it names a weights file (it is resolved against
     the repository root); empty for true/false, or a missing file (the model build says so)."""
-
     path = pretrained_path(params.model, root)
     if path is None or not path.is_file():
         return {}
@@ -146,14 +135,12 @@ def pretrained_md5(params: Params, root: Path) -> dict[str, str]:
 
 def code_md5s(root: Path, k: int) -> dict[str, str]:
     """md5 of each code dep (src/...) of the stage in dvc.yaml, from the files now."""
-
     return dvc_code_md5s(root, stage_name(k))
 
 
 def round_fingerprint(params: Params, root: Path, k: int, md5s: dict[str, str]) -> str:
     """What a checkpoint must match to be resumed: params, data inputs (and pretrained weights),
     and the stage's code, so epochs trained by other code are never continued."""
-
     return checkpoint.fingerprint({"params": round_params(params, k), "inputs": md5s,
                                    "code": code_md5s(root, k)})
 
@@ -163,7 +150,7 @@ def round_params(params: Params, k: int) -> dict[str, Any]:
     return {"round": k, "seed": params.seed, "targets": list(params.targets),
             "uncertainty": {t: params.uncertainty_policy(t) for t in params.targets},
             "teacher": [params.clean.teacher, params.clean.teacher_labels]
-            if any(params.uncertainty_policy(t) == "selftrained" for t in params.targets) else None,
+            if needs_teacher(params) else None,
             "resample": to_dict(params.resample), "rounds": to_dict(params.round(k)),
             "model": to_dict(params.model),
             "train": to_dict(params.train)}
@@ -212,7 +199,6 @@ def round_metrics(result) -> dict[str, Any]:
 
 def log_best(stage_run, root: Path, k: int, result) -> None:
     """The best epoch's confusion matrix (JSON and figure) and weights, on the MLflow run."""
-
     per = result.best_metrics["targets"]
     stage_run.log_dict({t: m["confusion"] for t, m in per.items()}, "confusion.json")
     if len(per) > 1:  # multi-label: each target's best-epoch metrics beside the mean
@@ -228,7 +214,6 @@ def log_best(stage_run, root: Path, k: int, result) -> None:
 # ---------------------------------------------------------------- main
 
 def plan_for(params: Params, k: int):
-
     r = params.round(k)  # lr may be "auto": the stage replaces it by the LR finder's choice
     lr = params.lr if r.lr is None else r.lr  # config lets only round 1 inherit the top-level lr
     return RoundPlan(r.epochs, lr, r.freeze, params.seed, tuple(params.targets),
@@ -239,7 +224,6 @@ def build_start_model(params: Params, prev: Path | None, root: Path | None = Non
     """Round k-1's weights in the network params describe (a file made with other model params
     raises ChexopsError), or (round 1) the model with model.pretrained, a relative weights path
     resolved against `root` (the repository root)."""
-
     if prev is not None:  # round k-1's weights replace any pretrained ones
         return load_model(prev, recipe=params_recipe(params))[0]
     return build_model(params.model, output_coding(params).n_outputs, root)
@@ -249,7 +233,6 @@ def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_ru
                     lr_found: float | None = None):
     """`lr: auto` -> the LR range test's choice, logged to the round's run; a resumed
     round reuses the choice stored in its checkpoint (`lr_found`) instead of re-running it."""
-
     if plan.lr != "auto":
         return plan, None
     if lr_found is not None:
@@ -263,7 +246,6 @@ def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_ru
 def resume_info(ckpt_path: Path, fingerprint: str) -> dict[str, Any]:
     """{run_id, lr_found} of the checkpoint this round will resume (both None when none): read
     by rank 0 and broadcast, so every rank takes the same path (e.g. skips the LR range test)."""
-
     info: dict[str, Any] = {"run_id": None, "lr_found": None}
     if distributed.is_main():
         saved = checkpoint.load_checkpoint(ckpt_path, fingerprint)  # train_round reloads it

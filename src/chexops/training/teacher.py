@@ -5,17 +5,19 @@ md5) goes to the round's MLflow run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from chexops.config import Params
 from chexops.errors import ChexopsError
+from chexops.hashing import file_md5
+from chexops.inference.predictor import Predictor
 from chexops.model.coding import relabel
-
-if TYPE_CHECKING:  # pragma: no cover
-    from chexops.inference.predictor import Predictor
+from chexops.model.weights import load_model, recipe_from_metadata, weights_metadata
+from chexops.redact import redact_url
+from chexops.tracking import runs
 
 TEACHER_BATCH = 64
 
@@ -56,13 +58,11 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
 
 
 def load_teacher(params: Params, path: Path,
-                 device: torch.device | None = None) -> "Predictor":
+                 device: torch.device | None = None) -> Predictor:
     """The teacher as a Predictor on `device` (default CPU), TEACHER_BATCH images at a time: the
     network model params describe, with the output coding the weights' metadata records (read as
     predict reads any weights file). Raises ChexopsError prefixed `clean.teacher:` when the
     file is missing, not safetensors or its coding does not cover params' targets."""
-    from chexops.inference.predictor import Predictor
-    from chexops.model.weights import load_model, recipe_from_metadata, weights_metadata
 
     try:  # only the coding is the file's: the teacher must predict params' targets, in order
         meta = weights_metadata(path)
@@ -77,8 +77,6 @@ def load_teacher(params: Params, path: Path,
 
 def teacher_identity(uri: str, path: Path) -> dict[str, str]:
     """What the round's MLflow run records about its teacher (URI redacted, file md5)."""
-    from chexops.hashing import file_md5
-    from chexops.redact import redact_url
 
     return {"teacher": redact_url(uri), "teacher_md5": file_md5(path),
             "teacher_labels_from": path.name}
@@ -96,9 +94,8 @@ def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
     rows = np.flatnonzero((raw[:, columns] == -1).any(axis=1)) if columns else np.array([], int)
     if not params.clean.teacher:  # config validation catches it first; this guards direct calls
         raise ChexopsError("selftrained needs a teacher; set clean.teacher")
-    from chexops.tracking.runs import tracking_uri
 
-    path = resolve_teacher(params.clean.teacher, root, tracking_uri(params, root))
+    path = resolve_teacher(params.clean.teacher, root, runs.tracking_uri(params, root))
     teacher = load_teacher(params, path, device)
     probs = np.zeros(raw.shape, dtype=np.float32)
     probs[rows] = teacher.probabilities(data.images[data.image_rows(rows)])
