@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chexops.training.loop as train_mod
 from chexops import paths
 from chexops.tracking import runs as tracking
 from chexops.config import params_from_dict
@@ -25,6 +24,7 @@ from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
 from chexops.training import rounds
 from tests.helpers import fake_stage_run
+from tests.training.test_loop import kill_in_epoch
 
 torch.set_num_threads(1)
 
@@ -206,18 +206,11 @@ def test_interrupted_round_resumes_its_run_and_matches_an_uninterrupted_one(root
     stage.main(p, root, 1)
     uninterrupted = load_file(str(root / paths.round_weights(1)))
     metrics = json.loads((root / paths.round_metrics(1)).read_text())
-    real_epoch = train_mod.train_one_epoch
-
-    def killed_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", killed_in_epoch_2)
+    restore = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         stage.main(p, root, 1)
     assert (root / paths.CHECKPOINT_DIR / "round-1" / "last.pt").is_file()
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    restore()
     stage.main(p, root, 1)
     crashed_run, resumed = runs[2]
     assert resumed == runs[1][0].run_id          # the same MLflow run continues
@@ -225,18 +218,6 @@ def test_interrupted_round_resumes_its_run_and_matches_an_uninterrupted_one(root
     for key, value in load_file(str(root / paths.round_weights(1))).items():
         assert torch.equal(value, uninterrupted[key]), key
     assert json.loads((root / paths.round_metrics(1)).read_text()) == metrics
-
-
-def _kill_in_epoch_2(monkeypatch):
-    real_epoch = train_mod.train_one_epoch
-
-    def killed(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", killed)
-    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
 
 
 def _with_dvc_yaml(root: Path) -> Path:
@@ -266,7 +247,7 @@ def test_code_deps_are_in_the_fingerprint(root):
 def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, monkeypatch):
     code = _with_dvc_yaml(root)
     p = params()
-    restore = _kill_in_epoch_2(monkeypatch)
+    restore = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         stage.main(p, root, 1)
     assert (root / paths.CHECKPOINT_DIR / "round-1" / "last.pt").is_file()
@@ -338,7 +319,7 @@ def test_resumed_auto_lr_round_reuses_the_lr_found(root, runs, monkeypatch):
     stage.main(p, root, 1)
     uninterrupted = load_file(str(root / paths.round_weights(1)))
     assert found == ["rounds.r1"]
-    restore = _kill_in_epoch_2(monkeypatch)
+    restore = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         stage.main(p, root, 1)
     ck = root / paths.CHECKPOINT_DIR / "round-1" / "last.pt"

@@ -52,6 +52,20 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def kill_in_epoch(monkeypatch, epoch: int = 2):
+    """Make train_one_epoch raise KeyboardInterrupt when epoch `epoch` starts (a kill mid-round);
+    returns the function that puts the real one back."""
+    real_epoch = train_mod.train_one_epoch
+
+    def killed(*args, **kwargs):
+        if args[6] == epoch:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", killed)
+    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+
+
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -244,22 +258,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     full_model_state = weights(tmp_path / "full.safetensors")
     assert not (tmp_path / "ck-full" / "last.pt").exists()  # a finished round removes it
 
-    real_epoch = train_mod.train_one_epoch
-
-    def crash_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kwargs)
-
     ck = tmp_path / "ck" / "last.pt"
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_2)
+    restore = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_round(new_model(), data, valid, plan(epochs=3), tmp_path / "r.safetensors",
                     checkpoint_path=ck, fingerprint="f", run_id="run-123")
     assert ck.is_file()
     saved = torch.load(ck, weights_only=True)  # plain tensors and values only
     assert saved["epoch"] == 1 and saved["run_id"] == "run-123"
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    restore()
     (tmp_path / "r.safetensors").unlink()  # DVC removes outputs before re-running a stage
     resumed = train_round(new_model(seed=99), data, valid, plan(epochs=3),
                           tmp_path / "r.safetensors", checkpoint_path=ck, fingerprint="f")
@@ -272,18 +279,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 def test_checkpoint_with_another_fingerprint_is_ignored(tmp_path, monkeypatch):
     ck = tmp_path / "ck" / "last.pt"
     # write a checkpoint for fingerprint "old" by crashing in epoch 2
-    real_epoch = train_mod.train_one_epoch
-
-    def crash(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash)
+    restore = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(), tmp_path / "a.safetensors",
                     checkpoint_path=ck, fingerprint="old")
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    restore()
     result = train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(epochs=1),
                          tmp_path / "b.safetensors", checkpoint_path=ck, fingerprint="new")
     assert result.resumed_from is None and len(result.history) == 1
@@ -531,14 +531,7 @@ def test_a_kill_between_checkpoint_and_report_re_reports_that_epoch_on_resume(tm
 
 
 def test_checkpoint_keeps_the_lr_found(tmp_path, monkeypatch):
-    real_epoch = train_mod.train_one_epoch
-
-    def crash_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_2)
+    kill_in_epoch(monkeypatch, 2)
     ck = tmp_path / "ck" / "last.pt"
     with pytest.raises(KeyboardInterrupt):
         train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(lr=2.5e-3),
