@@ -6,6 +6,10 @@ STAMP := $(VENV)/.chexops-installed
 # Stage commands (`chexops ...`) and dvc come from the venv.
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 PORT ?= 5000
+# pytest workers (pytest-xdist). Every test trains with one torch thread, so one worker per core;
+# the end-to-end tests that share one built pipeline stay on one worker (--dist loadgroup).
+TEST_WORKERS ?= 2
+PYTEST := $(RUN) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup repro test test-fast lint ui bench
 
@@ -21,14 +25,14 @@ repro: setup
 	$(RUN) dvc repro
 
 test: setup lint
-	$(RUN) $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: setup
 	$(BIN)/ruff check src benchmarks
 	$(BIN)/mypy
 
 test-fast: setup
-	$(RUN) $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: setup
 	$(RUN) chexops ui --port $(PORT)

@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny CheXpert zip, and tracking replaced by a recorder for stage tests."""
+"""Shared fixtures: a tiny CheXpert zip, tracking replaced by a recorder for stage tests, and the
+reduced pipeline built once per test run for the end-to-end tests."""
 from __future__ import annotations
 
 import pytest
 
 from tests.helpers import fake_stage_run, write_chexpert_zip
+from tests.pipeline_repo import BuiltPipeline, build_shared_pipeline
 
 
 @pytest.fixture()
@@ -20,3 +22,9 @@ def stage_runs(monkeypatch):
     runs: list = []
     monkeypatch.setattr(tracking, "stage_run", fake_stage_run(runs))
     return runs
+
+
+@pytest.fixture(scope="session")
+def shared_pipeline(tmp_path_factory) -> BuiltPipeline:
+    """The reduced pipeline after `make repro`, built once for the whole run (slow: ~2 min)."""
+    return build_shared_pipeline(tmp_path_factory.mktemp("shared-pipeline"))

@@ -6,12 +6,15 @@ The copy is a real git + DVC repository (tracked files only), so `make repro`,
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.processes import run_group
@@ -22,7 +25,9 @@ VENV_BIN = Path(sys.executable).parent
 # Reduced profile: tiny images, a few hundred of them, one epoch per round.
 REDUCED = {
     # CPU even where a GPU is present: the bit-identical checks hold on CPU kernels only
-    "runtime": {"device": "cpu", "threads": 2, "workers": 0},
+    # one thread: the suite runs on two pytest workers (Makefile), one core each, and torch with
+    # more threads than its share of cores collapses (see README, speed)
+    "runtime": {"device": "cpu", "threads": 1, "workers": 0},
     "data": {"synthetic": {"train_patients": 90, "valid_patients": 24, "width": 96,
                            "height": 112, "workers": 1}},
     "train": {"image_size": 32, "batch_size": 16},
@@ -90,4 +95,84 @@ def make_repo_copy(dest: Path, params: dict) -> Path:
     run(["git", "init", "-q", "-b", "main"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-q", "-m", "reduced pipeline"], dest, env)
+    return dest
+
+
+def synthetic_zip(dest: Path) -> Path:
+    """A CheXpert-v1.0-small zip from the project's own synthetic generator (reduced size), as a
+    user's local `data.source`."""
+    from chexops.config import params_from_dict
+    from chexops.data.synthetic.generate import generate_zip
+
+    params = params_from_dict(reduced_params())
+    dest.mkdir(parents=True, exist_ok=True)
+    generate_zip(params.data.synthetic, params.data.synthetic.seed, dest / "chexpert-small.zip",
+                 dest / "truth.parquet")
+    return dest / "chexpert-small.zip"
+
+
+# Tests using the `shared_pipeline` fixture (tests/conftest.py) carry this mark, so that with
+# pytest-xdist's `--dist loadgroup` (Makefile) one worker builds it once and runs them all.
+SHARED = pytest.mark.xdist_group("shared_pipeline")
+
+# The shared pipeline: three batches a round keep each stage to its start-up cost; the data comes
+# from a local zip so that reproduce can be refused on a changed source.
+SHARED_EXTRA = {"train": {"max_batches": 3}}
+
+
+@dataclass(frozen=True)
+class BuiltPipeline:
+    """A reduced repo after the README's `make repro`: `repo`, its local zip `source`, the `trial`
+    run id make repro logged, and the dvc.lock it wrote (`lock`, as text)."""
+    repo: Path
+    source: Path
+    trial: str
+    lock: str
+
+
+def build_shared_pipeline(base: Path) -> BuiltPipeline:
+    """Copy this repo to base/repo with the reduced params and run `make repro` once.
+
+    Tests share it (tests/conftest.py, one pytest worker: the `shared_pipeline` xdist group) and may
+    add trials or change its workspace, so each asserts what it caused and not the repo's state."""
+    source = synthetic_zip(base / "source")
+    params = reduced_params({**SHARED_EXTRA, "data": {"source": str(source)}})
+    (base / "repo").mkdir()
+    repo = make_repo_copy(base / "repo", params)
+    # -o setup: use this test run's venv instead of installing a new one
+    run(["make", "-o", "setup", "repro", f"VENV={VENV_BIN.parent}"], repo, pipeline_env())
+    trials = trial_run_ids(repo)
+    assert len(trials) == 1, trials  # a fresh repo: the one trial is make repro's
+    built = BuiltPipeline(repo, source, trials[0], (repo / "dvc.lock").read_text())
+    (base / "built.json").write_text(json.dumps({"trial": built.trial, "dvc.lock": built.lock}))
+    return built
+
+
+def trial_run_ids(repo: Path) -> list[str]:
+    """The trial runs in `repo`'s embedded store, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("chexops")
+    assert exp is not None, "no 'chexops' experiment in the embedded store"
+    runs = client.search_runs([exp.experiment_id], "tags.`chexops.trial` = 'true'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
+# what a copy leaves behind: DVC's per-workspace state, and the store (a copy starts its own, so no
+# run of it writes artifacts into the original's absolute artifact folder)
+NOT_COPIED = shutil.ignore_patterns("tmp", "mlflow.db", "mlflow.db.lock", "mlartifacts")
+
+
+def copy_built(built: BuiltPipeline, dest: Path, extra: dict | None = None) -> Path:
+    """A copy of the built repo at `dest` (its DVC cache included, so unchanged stages are restored
+    and not re-run) with `extra` merged into its params and committed."""
+    shutil.copytree(built.repo, dest, symlinks=True, ignore=NOT_COPIED)
+    if extra:
+        params = deep_update(yaml.safe_load((dest / "params.yaml").read_text()), extra)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = pipeline_env()
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-q", "-m", "copy of the shared pipeline"], dest, env)
     return dest

@@ -17,9 +17,8 @@ from chexops.commands import reproduce
 from chexops.errors import ChexopsError
 from chexops.tracking import dvcfiles, remote, sourcedata, trials, workspace
 from chexops.tracking import verdict as tracking_verdict
-from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.pipeline_repo import SHARED, VENV_BIN, pipeline_env, run
 from tests.processes import run_group
-
 
 # ---------------------------------------------------------------- a small MLflow store
 
@@ -273,17 +272,6 @@ def test_cli_warns_that_a_dirty_tree_trial_is_restored_only_as_of_its_commit(sto
 
 # ---------------------------------------------------------------- the reduced pipeline, end to end
 
-def synthetic_zip(dest: Path) -> Path:
-    """A CheXpert-v1.0-small zip from the project's own synthetic generator (reduced size)."""
-    from chexops.config import params_from_dict
-    from chexops.data.synthetic.generate import generate_zip
-
-    params = params_from_dict(reduced_params())
-    generate_zip(params.data.synthetic, params.data.synthetic.seed, dest / "chexpert-small.zip",
-                 dest / "truth.parquet")
-    return dest / "chexpert-small.zip"
-
-
 def change_one_image(src: Path, dest: Path) -> str:
     """Copy the zip, flipping one byte-run of the first JPEG's data (still a readable file)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
@@ -297,27 +285,19 @@ def change_one_image(src: Path, dest: Path) -> str:
     return victim
 
 
-@pytest.fixture(scope="module")
-def trial_repo(tmp_path_factory) -> dict:
-    """A reduced repo whose data comes from a local zip, after one `dvc repro` (one trial)."""
-    tmp = tmp_path_factory.mktemp("reproduce")
-    source = synthetic_zip(tmp)
-    params = reduced_params({"runtime": {"threads": 1}, "data": {"source": str(source)},
-                             "train": {"max_batches": 3}})
-    repo = make_repo_copy(tmp / "repo", params)
-    env = pipeline_env()
-    run(["dvc", "repro"], repo, env)
+@pytest.fixture()
+def trial_repo(shared_pipeline, tmp_path) -> dict:
+    """The shared reduced repo (data from a local zip) and make repro's trial in it."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("chexops")
-    trials = client.search_runs([exp.experiment_id], "tags.`chexops.trial` = 'true'")
-    assert len(trials) == 1
-    return {"repo": repo, "source": source, "trial": trials[0].info.run_id, "env": env,
-            "client": client, "tmp": tmp}
+    repo = shared_pipeline.repo
+    return {"repo": repo, "source": shared_pipeline.source, "trial": shared_pipeline.trial,
+            "env": pipeline_env(), "tmp": tmp_path,
+            "client": MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")}
 
 
 @pytest.mark.slow
+@SHARED
 def test_reproduce_gives_identical_metrics_and_weights(trial_repo):
     repo, env = trial_repo["repo"], trial_repo["env"]
     lock_before = (repo / "dvc.lock").read_bytes()
@@ -343,6 +323,7 @@ def test_reproduce_gives_identical_metrics_and_weights(trial_repo):
 
 
 @pytest.mark.slow
+@SHARED
 def test_reproduce_refuses_when_one_image_changed_and_data_is_not_cached(trial_repo):
     """A fresh clone (no DVC cache, no remote) whose local zip had one image modified."""
     repo, tmp = trial_repo["repo"], trial_repo["tmp"]
@@ -431,7 +412,7 @@ def test_workspace_restores_source_data_from_cache_or_rederives_it_or_refuses(tm
     with pytest.raises(ChexopsError) as err:
         sourcedata.restore_data(ws3, trial, cache, env, str(source))
     msg = str(err.value)
-    assert msg.startswith(f"data/raw: the data differs from the trial's")
+    assert msg.startswith("data/raw: the data differs from the trial's")
     assert md5 in msg and str(source) in msg and "no DVC remote is configured" in msg
     assert "\n" not in msg
     # the user's repository was never touched

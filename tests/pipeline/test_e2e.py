@@ -9,37 +9,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.pipeline_repo import SHARED, pipeline_env, reduced_params, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, SHARED]
 
 STAGES = ["download", "clean", "resample"] + [f"train-round-{k}" for k in range(1, 6)] + ["evaluate"]
 ROUND_METRICS = {"train_loss", "valid_loss", "auroc", "precision", "recall", "error_rate", "lr"}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A reduced copy of the repo after `make repro` (the README's pipeline command).
-
-    The tests share it and some add trials (`dvc exp run`) and change its workspace, in any
-    order; what `make repro` itself made (its trial, its dvc.lock) is recorded beside it
-    (see `made_by_make_repro`) so that a test can check that and not the repo's state now."""
-    base = tmp_path_factory.mktemp("pipeline")
-    (base / "repo").mkdir()
-    dest = make_repo_copy(base / "repo", reduced_params())
-    # -o setup: use this test run's venv instead of installing a new one
-    run(["make", "-o", "setup", "repro", f"VENV={VENV_BIN.parent}"], dest, pipeline_env())
-    trials = trial_runs(all_runs(dest))
-    assert len(trials) == 1  # a fresh repo: the one trial is make repro's
-    (base / "make-repro.json").write_text(json.dumps({
-        "trial": trials[0].info.run_id, "dvc.lock": (dest / "dvc.lock").read_text()}))
-    return dest
+@pytest.fixture()
+def repo(shared_pipeline) -> Path:
+    """The reduced repo after `make repro` (the README's pipeline command), shared with other
+    end-to-end tests (tests/conftest.py): tests add trials (`dvc exp run`) and change its
+    workspace in any order, so each checks what it caused or what `make repro` itself made
+    (`made_by_make_repro`), not the repo's state now."""
+    return shared_pipeline.repo
 
 
 def made_by_make_repro(repo: Path) -> dict:
-    """{"trial": run id, "lock": dvc.lock as a dict}: what the `repo` fixture's make repro left."""
-    made = json.loads((repo.parent / "make-repro.json").read_text())
-    return {"trial": made["trial"], "lock": yaml.safe_load(made["dvc.lock"])}
+    """{"trial": run id, "lock": dvc.lock as a dict}: what the shared pipeline's make repro left."""
+    built = json.loads((repo.parent / "built.json").read_text())
+    return {"trial": built["trial"], "lock": yaml.safe_load(built["dvc.lock"])}
 
 
 def client(repo: Path):

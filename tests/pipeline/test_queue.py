@@ -3,6 +3,7 @@ fail with "database is locked"; `dvc exp run --queue` x2 + `dvc queue start -j 2
 trials at once, both land in the main repo's store (not in DVC's temp workspaces)."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
+from tests.pipeline_repo import SHARED, VENV_BIN, pipeline_env, run
 from tests.processes import group, run_group
 
 QUEUED = ["q-fast", "q-slow"]
@@ -100,27 +101,30 @@ def queue_done(repo: Path, env: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_two_at_once_into_the_main_store(tmp_path):
+@SHARED
+def test_queued_experiments_run_two_at_once_into_the_main_store(shared_pipeline):
+    """Two trials queued on the shared pipeline. They vary round 5's learning rate, so rounds 1-4
+    are restored from the DVC cache (linked, not re-run) and the two run round 5 and evaluate."""
     from mlflow.tracking import MlflowClient
 
-    params = reduced_params({"runtime": {"threads": 1}, "train": {"max_batches": 3}})
-    repo = make_repo_copy(tmp_path / "repo", params)
-    env = pipeline_env()
-    run(["dvc", "exp", "run", "--queue", "-n", "q-fast", "-S", "lr=0.002"], repo, env)
-    run(["dvc", "exp", "run", "--queue", "-n", "q-slow", "-S", "lr=0.0005"], repo, env)
+    repo, env = shared_pipeline.repo, pipeline_env()
+    lrs = {"q-fast": [2.0e-5, 2.0e-4], "q-slow": [5.0e-6, 5.0e-5]}
+    for name, lr in lrs.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"rounds.r5.lr={lr}"], repo, env)
     finished = False
     try:
         run(["dvc", "queue", "start", "-j", "2"], repo, env)
         deadline = time.monotonic() + 900  # a hang fails here instead of at pytest's timeout
         while not queue_done(repo, env):
             assert time.monotonic() < deadline, run(["dvc", "queue", "status"], repo, env).stdout
-            time.sleep(10)
+            time.sleep(5)
         finished = True
     finally:
         if not finished:  # the workers are DVC daemons in their own session: stop them here
             stop_queue(repo, env, QUEUED)
     status = run(["dvc", "queue", "status"], repo, env).stdout
-    assert status.count("Success") == 2, status + _queue_logs(repo, env)
+    assert sum(f"{name}" in line and "Success" in line for line in status.splitlines()
+               for name in QUEUED) == 2, status + _queue_logs(repo, env)
 
     shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout))
     assert "q-fast" in shown and "q-slow" in shown
@@ -128,16 +132,21 @@ def test_queued_experiments_run_two_at_once_into_the_main_store(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("chexops")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_id = {r.info.run_id: r for r in runs}
     trials = {r.data.tags.get("dvc.exp_name"): r for r in runs
-              if r.data.tags.get("chexops.trial") == "true"}
-    assert set(trials) == {"q-fast", "q-slow"}
+              if r.data.tags.get("chexops.trial") == "true" and
+              r.data.tags.get("dvc.exp_name") in QUEUED}
+    assert set(trials) == set(QUEUED)
     assert trials["q-fast"].info.run_id != trials["q-slow"].info.run_id
-    for name, lr in (("q-fast", 0.002), ("q-slow", 0.0005)):
+    for name, lr in lrs.items():
         trial = trials[name]
-        assert float(trial.data.params["lr"]) == pytest.approx(lr)
+        assert ast.literal_eval(trial.data.params["rounds.r5.lr"]) == pytest.approx(lr)
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
-        assert {k.data.tags["chexops.stage"] for k in kids} == STAGES
+        ran = {k.data.tags["chexops.stage"] for k in kids}
+        assert ran == {"train-round-5", "evaluate"}, ran
         assert all(k.info.status == "FINISHED" for k in kids)
+        for stage in STAGES - ran:  # the cached stages are linked to the runs that made them
+            assert by_id[trial.data.tags[f"stage.{stage}.run_id"]].data.tags["chexops.stage"] == stage
     # the two experiments ran at once: from each one's first stage run to its trial's end, the
     # MLflow time spans overlap (run one after the other, they could not). Their start cannot
     # be synchronised from here: the stages are the pipeline's own commands, started by DVC's
