@@ -28,3 +28,16 @@ def stage_runs(monkeypatch):
 def shared_pipeline(tmp_path_factory) -> BuiltPipeline:
     """The reduced pipeline after `make repro`, built once for the whole run (slow: ~2 min)."""
     return build_shared_pipeline(tmp_path_factory.mktemp("shared-pipeline"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """On a pytest-xdist worker with --dist loadgroup, fail loudly when grouped tests did not get
+    their group (some pytest releases drop it silently; then every worker would build the shared
+    pipeline and the queue's two trials could run beside other training)."""
+    if not (getattr(config, "workerinput", None) and config.getvalue("loadgroup")):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"xdist_group ignored for {lost[0]} and {len(lost) - 1} more: this "
+                                f"pytest breaks --dist loadgroup; install the pinned test extra")
