@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chexops.commands import arguments
 from chexops.errors import ChexopsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from chexops.config import Params
 
 # stage name -> module whose main(params, root) runs it
 STAGES = {
@@ -56,10 +61,28 @@ def _run(args: argparse.Namespace) -> None:
     root = Path(args.root).resolve()
     params_path = Path(args.params)
     params = load_params(params_path if params_path.is_absolute() else root / params_path)
-    if args.command in STAGES:
-        importlib.import_module(STAGES[args.command]).main(params, root)
-    else:
-        importlib.import_module(COMMANDS[args.command][0]).run(args, params, root)
+    try:
+        if args.command in STAGES:
+            importlib.import_module(STAGES[args.command]).main(params, root)
+        else:
+            importlib.import_module(COMMANDS[args.command][0]).run(args, params, root)
+    except BaseException as exc:
+        if os.environ.get("DVC_STAGE"):  # a pipeline stage: its trial failed here
+            _fail_trial(params, root, os.environ["DVC_STAGE"], exc)
+        raise
+
+
+def _fail_trial(params: Params, root: Path, stage: str, exc: BaseException) -> None:
+    """Mark the DVC command's trial run FAILED in `stage`; a store that cannot be reached only
+    costs the mark (the stage's own error is what the user must see)."""
+    from chexops.tracking import trial
+
+    error = "interrupted" if isinstance(exc, KeyboardInterrupt) else trial.one_line(exc)
+    try:
+        trial.fail_trial(params, root, stage, error)
+    except Exception as failed:  # noqa: BLE001 - reported, never hides the stage's error
+        print(f"chexops {stage}: warning: could not mark the trial run failed ({failed})",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

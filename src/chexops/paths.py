@@ -1,6 +1,7 @@
 """Where each stage reads and writes, relative to the repository root (mirrors dvc.yaml)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from chexops.errors import ChexopsError
@@ -19,6 +20,7 @@ CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpo
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 DVC_TEMP_MARKER = "/.dvc/tmp/exps/"             # where `dvc exp run --temp/--queue` works
+MAIN_ROOT_ENV = "CHEXOPS_MAIN_ROOT"                # set by `chexops reproduce` for its workspace
 EVALUATE_PLOTS = PLOTS_DIR / "evaluate"            # roc, precision-recall, confusion, calibration
 EVALUATE_REPORT = Path("reports/evaluate")         # report.md/html, figures, predictions.parquet
 RUNS_DIR = Path("runs")                            # runs/<stage>.json: the MLflow run that made an output
@@ -45,7 +47,12 @@ def stage_run_file(stage: str) -> Path:
 
 
 def main_repo_root(root: str | Path) -> Path:
-    """A DVC experiment workspace (<repo>/.dvc/tmp/exps/...) maps back to <repo>."""
+    """The repository a user works in, which relative paths they give mean: $CHEXOPS_MAIN_ROOT
+    where `chexops reproduce` set it for its workspace; <repo> for a DVC experiment workspace
+    (<repo>/.dvc/tmp/exps/...); else `root` itself. Always absolute."""
+    declared = os.environ.get(MAIN_ROOT_ENV, "").strip()
+    if declared:
+        return Path(declared).resolve()
     text = Path(root).resolve().as_posix()
     if DVC_TEMP_MARKER in text:
         return Path(text.split(DVC_TEMP_MARKER, 1)[0])

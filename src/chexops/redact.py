@@ -25,9 +25,12 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}:{slashes}{host}{parts.path}" + ("?***" if parts.query else "")
 
 
-# secrets that DVC or a library may echo: user:password@ in URLs, key=value pairs, AWS key ids
+# secrets that DVC or a library may echo: user:password@ and queries in URLs, key=value pairs,
+# AWS key ids
 _SECRETS = (
     (re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@"), r"\1***@"),
+    # a URL's query string: signed URLs carry their signature and token there
+    (re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s?#'\"]*)\?[^\s'\"]+"), r"\1?***"),
     (re.compile(r"(?i)\b(access_key_id|secret_access_key|session_token|aws_[a-z_]*key[a-z_]*|"
                 r"password|passwd|token|secret|credential[a-z_]*)(['\"]?\s*[=:]\s*['\"]?)"
                 r"[^\s'\",;]+"), r"\1\2***"),

@@ -10,12 +10,10 @@ import pytest
 import yaml
 
 from chexops import cli
-
 from chexops.commands import compare
-
-from chexops.tracking import runs as tracking
 from chexops.config import to_dict
 from chexops.errors import ChexopsError
+from chexops.tracking import store
 from tests.tiny_model import tiny_params
 
 N = 240
@@ -36,7 +34,7 @@ def probs(valid: pd.DataFrame, strength: float, seed: int) -> np.ndarray:
 
 def log_trial(params, root, name: str, frame: pd.DataFrame, raw_md5: str) -> str:
     """An evaluate run with the predictions artifact and data tags, and its trial run."""
-    client, exp_id = tracking.open_store(params, root)
+    client, exp_id = store.open_store(params, root)
     ev = client.create_run(exp_id, run_name="evaluate").info.run_id
     client.set_tag(ev, "chexops.stage", "evaluate")
     client.set_tag(ev, "data.md5.data/raw", raw_md5)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from chexops import paths
-from chexops.data.augment import PRESETS, Augmenter, augment_batch, make_augmenter, resolve
 from chexops.config import AugmentConfig, ConfigError, TrainConfig
+from chexops.data.augment import PRESETS, Augmenter, augment_batch, make_augmenter, resolve
 from chexops.stages import train_round as stage
-from tests.training.test_loop import new_model, plan, tiny_data, weights
 from tests.stages.test_train_round import params, root, runs  # noqa: F401 (fixtures)
+from tests.training.test_loop import new_model, plan, tiny_data, weights
 
 torch.set_num_threads(1)
 
@@ -96,7 +96,7 @@ def test_tta_at_evaluate_is_reported_beside_the_plain_result(root, runs):
     add_tta(p, root, w, valid, metrics)
     got = metrics["Cardiomegaly"]["tta"]
     assert got["views"] == 3 and 0 <= got["auroc"] <= 1 and metrics["Cardiomegaly"]["auroc"] == 0.5
-    from chexops.tracking.runs import numeric_metrics
+    from chexops.tracking.store import numeric_metrics
     assert "Cardiomegaly.tta.auroc" in numeric_metrics(metrics)
     off = {"Cardiomegaly": {}}
     add_tta(params(), root, w, valid, off)       # evaluate.tta: 0 -> nothing added

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline_repo import SHARED, pipeline_env, reduced_params, run
+from tests.pipeline_repo import SHARED, VENV_BIN, pipeline_env, reduced_params, run
+from tests.processes import run_group
 
 pytestmark = [pytest.mark.slow, SHARED]
 
@@ -216,3 +217,26 @@ def test_plots_show_renders(repo):
     rendered = json.loads(out)
     names = json.dumps(rendered)
     assert "plots/evaluate/roc.csv" in names and "plots/round-1/history.csv" in names
+
+
+def test_a_trial_failing_in_a_temp_workspace_lands_failed_in_the_main_store(repo):
+    """`MLFLOW_TRACKING_URI=sqlite:///mlflow.db dvc exp run --temp` with a round that blows up:
+    the relative URI means the main repo's store (not one inside DVC's temporary copy, deleted
+    afterwards), and the trial shows as FAILED in round 2 with the error the user saw."""
+    env = {**pipeline_env(), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    before = trial_runs(all_runs(repo))
+    proc = run_group([str(VENV_BIN / "dvc"), "exp", "run", "--temp", "-n", "lr-blowup",
+                      "-S", "rounds.r2.lr=[1.0e+30, 1.0e+31]"], cwd=repo, env=env, timeout=900)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "non-finite training loss" in proc.stdout + proc.stderr
+    runs = all_runs(repo)
+    added = new_trials(before, runs)
+    assert len(added) == 1, [t.info.run_name for t in added]
+    failed, = added
+    assert failed.info.status == "FAILED" and failed.data.tags["dvc.exp_name"] == "lr-blowup"
+    assert failed.data.tags["chexops.failed_stage"] == "train-round-2"
+    assert failed.data.tags["chexops.error"].startswith("non-finite training loss")
+    kids = children(runs, failed)
+    assert kids["train-round-2"].info.status == "FAILED"
+    assert not set(kids) & {"train-round-3", "evaluate"}  # DVC stopped at the failure
+    assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))

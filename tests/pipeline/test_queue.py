@@ -28,6 +28,7 @@ WRITER = textwrap.dedent("""
     from pathlib import Path
     import mlflow  # noqa: F401  (imported before the barrier: the slow part of starting)
     from chexops.tracking import runs as tracking
+    from chexops.tracking import trial as trials
     from chexops.config import params_from_dict
     from tests.pipeline_repo import reduced_params
     from tests.processes import file_barrier
@@ -41,9 +42,9 @@ WRITER = textwrap.dedent("""
             for step in range(5):
                 run.log_metrics({"loss": 1.0 / (step + 1), "auroc": 0.5 + step / 10}, step=step)
             run.log_dict({"i": i}, "note.json")
-            last = run.run_id
+            last = run
             ids.append(run.run_id)
-    trial = tracking.close_trial(params, root, last, {"evaluate": {"auroc": 0.75}})
+    trial = trials.close_trial(params, root, last, {"evaluate": {"auroc": 0.75}})
     print(json.dumps({"trial": trial, "runs": ids + [trial]}))
 """)
 

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from chexops import runtime
-from chexops.tracking import provenance as repro
 from chexops.config import RuntimeConfig
 from chexops.errors import ChexopsError
+from chexops.tracking import provenance as repro
 from tests.processes import run_group
 
 DIR_MD5 = "0123456789abcdef0123456789abcdef.dir"

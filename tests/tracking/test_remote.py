@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from chexops.errors import ChexopsError
 from chexops.redact import redact_text
 from chexops.tracking import remote
-from chexops.errors import ChexopsError
 from tests.pipeline_repo import VENV_BIN, make_repo_copy, pipeline_env, reduced_params, run
-from tests.servers import free_port, server
 from tests.processes import run_group
+from tests.servers import free_port, server
 
 DATA_STAGES = ["download", "clean", "resample"]
 

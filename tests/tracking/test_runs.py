@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chexops.tracking import runs as tracking
+from chexops import paths, redact
 from chexops.config import load_params
 from chexops.errors import ChexopsError
+from chexops.tracking import runs as tracking
+from chexops.tracking import store, trial
 
 REPO = Path(__file__).resolve().parents[2]
 ZIP_BYTES = b"zip bytes"
@@ -138,17 +140,17 @@ def test_close_trial_adopts_executed_runs_and_links_cached_ones(repo, params, mo
         pass
     metrics = {"evaluate": {"Cardiomegaly": {"auroc": 0.8, "confusion": [[1, 2], [3, 4]],
                                              "note": None}}}
-    trial_id = tracking.close_trial(params, repo, evaluate.run_id, metrics)
-    trial = c.get_run(trial_id)
-    assert trial.info.run_name == "exp-one"
-    assert trial.data.tags["chexops.trial"] == "true" and trial.data.tags["dvc.exp_name"] == "exp-one"
-    assert trial.data.tags["stage.download.run_id"] == cached.run_id
-    assert trial.data.tags["data.md5.data/raw"] == "a" * 32 + ".dir"
-    assert {d.dataset.name: d.dataset.digest for d in trial.inputs.dataset_inputs}[
+    trial_id = trial.close_trial(params, repo, evaluate, metrics)
+    made = c.get_run(trial_id)
+    assert made.info.run_name == "exp-one" and made.info.status == "FINISHED"
+    assert made.data.tags["chexops.trial"] == "true" and made.data.tags["dvc.exp_name"] == "exp-one"
+    assert made.data.tags["stage.download.run_id"] == cached.run_id
+    assert made.data.tags["data.md5.data/raw"] == "a" * 32 + ".dir"
+    assert {d.dataset.name: d.dataset.digest for d in made.inputs.dataset_inputs}[
         "data/raw"] == "a" * 32 + ".dir"  # the trial logs its data as MLflow inputs too
-    assert trial.data.params["lr"] == str(params.lr)
-    assert trial.data.params["rounds.r2.lr"] == str(list(params.round(2).lr))
-    assert trial.data.metrics == {"evaluate.Cardiomegaly.auroc": 0.8}
+    assert made.data.params["lr"] == str(params.lr)
+    assert made.data.params["rounds.r2.lr"] == str(list(params.round(2).lr))
+    assert made.data.metrics == {"evaluate.Cardiomegaly.auroc": 0.8}
     for kid in (executed, evaluate):
         assert c.get_run(kid.run_id).data.tags["mlflow.parentRunId"] == trial_id
     assert c.get_run(cached.run_id).data.tags["mlflow.parentRunId"] == "an-earlier-trial"
@@ -168,32 +170,56 @@ def test_unreachable_server_fails_fast_with_redacted_uri(monkeypatch, params, tm
 
 def test_temp_workspace_maps_to_the_main_store(tmp_path, params, monkeypatch):
     workspace = tmp_path / "repo/.dvc/tmp/exps/tmpab12cd"
-    assert tracking.main_repo_root(workspace) == tmp_path / "repo"
-    assert tracking.main_repo_root(tmp_path / "repo") == tmp_path / "repo"
-    assert tracking.tracking_uri(params, workspace) == f"sqlite:///{tmp_path}/repo/mlflow.db"
-    assert tracking.artifact_location(params, workspace) == (tmp_path / "repo/mlartifacts").as_uri()
+    assert paths.main_repo_root(workspace) == tmp_path / "repo"
+    assert paths.main_repo_root(tmp_path / "repo") == tmp_path / "repo"
+    assert store.tracking_uri(params, workspace) == f"sqlite:///{tmp_path}/repo/mlflow.db"
+    assert store.artifact_location(params, workspace) == (tmp_path / "repo/mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    assert tracking.tracking_uri(params, workspace) == "http://mlflow.example:5000"
+    assert store.tracking_uri(params, workspace) == "http://mlflow.example:5000"
+
+
+def test_relative_sqlite_uri_means_the_main_repo_from_any_workspace(tmp_path, params, monkeypatch):
+    """`MLFLOW_TRACKING_URI=sqlite:///mlflow.db dvc exp run --temp` must not write a store inside
+    the temporary copy that DVC deletes afterwards."""
+    workspace = tmp_path / "repo/.dvc/tmp/exps/tmpab12cd"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert store.tracking_uri(params, workspace) == f"sqlite:///{tmp_path}/repo/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/team.db")
+    assert store.tracking_uri(params, tmp_path / "repo") == f"sqlite:///{tmp_path}/repo/stores/team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/elsewhere.db")  # absolute
+    assert store.tracking_uri(params, workspace) == f"sqlite:///{tmp_path}/elsewhere.db"
+    # chexops reproduce's workspace declares the user's repo
+    monkeypatch.setenv(paths.MAIN_ROOT_ENV, str(tmp_path / "repo"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert store.tracking_uri(params, tmp_path / "ws") == f"sqlite:///{tmp_path}/repo/mlflow.db"
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "mlruns", "file:///tmp/mlruns"])
+def test_a_file_store_uri_is_refused_with_the_fix(uri, params, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ChexopsError, match=r"is a file store, which MLflow no longer supports; "
+                                           r"use sqlite:///mlflow.db"):
+        store.tracking_uri(params, tmp_path)
 
 
 def test_redact_and_ui_command(params, tmp_path):
-    assert tracking.redact_url("https://u:p@host/x?sig=1") == "https://host/x?***"
-    assert tracking.redact_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
-    argv = tracking.ui_command(params, tmp_path / ".dvc/tmp/exps/x", port=5123)
+    assert redact.redact_url("https://u:p@host/x?sig=1") == "https://host/x?***"
+    assert redact.redact_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    argv = store.ui_command(params, tmp_path / ".dvc/tmp/exps/x", port=5123)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-1] == "5123"
 
 
 def test_numeric_metrics_keeps_numbers_only():
-    got = tracking.numeric_metrics({"a": {"auroc": None, "n": 3, "ok": True, "cm": [[1]]}, "b": 0.5})
+    got = store.numeric_metrics({"a": {"auroc": None, "n": 3, "ok": True, "cm": [[1]]}, "b": 0.5})
     assert got == {"a.n": 3.0, "b": 0.5}
 
 
 def test_store_uses_wal_after_creation(repo, params):
     import sqlite3
 
-    tracking.open_store(params, repo)
+    store.open_store(params, repo)
     mode = sqlite3.connect(repo / "mlflow.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 

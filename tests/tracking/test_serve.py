@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chexops.tracking import registry
-
-from chexops.tracking import runs as tracking
 from chexops.commands import predict
-from tests.tiny_model import png_bytes, radiograph, tiny_params, tiny_weights
+from chexops.tracking import registry, store
 from tests.servers import free_port, server
+from tests.tiny_model import png_bytes, radiograph, tiny_params, tiny_weights
 
 READY_DEADLINE_S = 180
 
@@ -26,14 +24,14 @@ READY_DEADLINE_S = 180
 def test_served_champion_answers_rest_invocations(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_params(tmp_path)
-    client, exp_id = tracking.open_store(params, tmp_path)
+    client, exp_id = store.open_store(params, tmp_path)
     run_id = client.create_run(exp_id, run_name="evaluate").info.run_id
     weights = tiny_weights(tmp_path, params)
     info = registry.log_model(params, tmp_path, run_id, weights)
     registry.register(info.model_uri, "chexops-serve", champion=True)
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(params, tmp_path),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(params, tmp_path),
            "OMP_NUM_THREADS": "1",  # the server runs `uvicorn` from PATH: this venv's bin first
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_cli = Path(sys.executable).with_name("mlflow")

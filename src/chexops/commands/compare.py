@@ -24,7 +24,7 @@ import numpy as np
 from chexops.errors import ChexopsError
 from chexops.evaluation import stats
 from chexops.tracking.provenance import dvc_input_md5s
-from chexops.tracking.runs import open_store
+from chexops.tracking.store import open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

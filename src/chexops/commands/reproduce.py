@@ -112,7 +112,7 @@ def reproduce(ref: str, params: Params, root: Path, ws: Path, tolerance: float,
     raw = _restore_code(client, trial, main_root, ws)
     with step("restoring the data"):
         cache = workspace.share_dvc_config(main_root, ws)
-        env = workspace.pipeline_env(uri)
+        env = workspace.pipeline_env(uri, main_root)
         source = str((raw.get("data") or {}).get("source", "?"))
         restored = sourcedata.restore_data(ws, trial, cache, env, source, rederive)
     for out, how in restored.items():

@@ -9,7 +9,7 @@ from chexops.config import Params
 
 
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
-    from chexops.tracking.runs import ui_command
+    from chexops.tracking.store import ui_command
 
     argv = ui_command(params, root, port=args.port, host=args.host)
     os.execvp(argv[0], argv)

@@ -285,7 +285,8 @@ def produce(params: Params, root: Path, out: Path) -> dict:
         validate_zip(zip_path, f"the file from {redact_url(url)}")
     else:
         local = Path(source).expanduser()
-        ingest_local(local if local.is_absolute() else root / local, zip_path)
+        # relative to the user's repo, not a DVC temp workspace's copy of it
+        ingest_local(local if local.is_absolute() else paths.main_repo_root(root) / local, zip_path)
     return summarize(zip_path) | {"source": kind}
 
 

@@ -14,6 +14,7 @@ from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
 from chexops.stages import evaluate_report
 from chexops.tracking import runs as tracking
+from chexops.tracking import store, trial
 
 STAGE = "evaluate"
 FINAL_ROUND = N_ROUNDS   # evaluate scores the last round's weights
@@ -77,12 +78,12 @@ def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ..
     return drawn
 
 
-def log_to_run(run: tracking.StageRun, root: Path, params: Params, metrics: dict,
+def log_to_run(run: store.StageRun, root: Path, params: Params, metrics: dict,
                figures: dict, n_valid: int) -> None:
     run.log_params({"threshold": params.evaluate.threshold, "targets": list(params.targets),
                     "weights": paths.round_weights(FINAL_ROUND).as_posix(), "n_valid": n_valid,
                     "image_size": params.train.image_size, "arch": params.model.arch})
-    run.log_metrics(tracking.numeric_metrics(metrics))
+    run.log_metrics(store.numeric_metrics(metrics))
     run.log_dict({t: m.get("confusion") for t, m in metrics.items() if "confusion" in m},
                  "confusion.json")
     for name, fig in figures.items():
@@ -112,7 +113,7 @@ def main(params: Params, root: Path) -> None:
         log_to_run(run, root, params, metrics, figures, len(valid))
         evaluate_report.register_model(params, run, root, weights)  # MLflow registry
         _print_summary(metrics, params.targets)
-    tracking.close_trial(params, root, run.run_id, {STAGE: metrics})
+    trial.close_trial(params, root, run, {STAGE: metrics})
 
 
 def _print_summary(metrics: dict[str, Any], targets: tuple[str, ...]) -> None:

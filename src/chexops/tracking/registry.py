@@ -148,7 +148,7 @@ def package_dir() -> Path:
 
 def use_store(params: "Params", root: Path) -> str:
     """Point MLflow's fluent API (log_model, register, load) at the project's store."""
-    from chexops.tracking.runs import open_store, tracking_uri
+    from chexops.tracking.store import open_store, tracking_uri
 
     open_store(params, root)  # fails fast when a server is unreachable; creates the store
     uri = tracking_uri(params, root)

@@ -17,7 +17,7 @@ import yaml
 
 from chexops.config import Params, flatten
 from chexops.errors import ChexopsError
-from chexops.tracking.runs import check_reachable, sqlite_path, tracking_uri
+from chexops.tracking.store import check_reachable, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from chexops import paths
 from chexops.errors import ChexopsError
 from chexops.redact import redact_text
 from chexops.tracking import dvcfiles, remote
@@ -115,12 +116,14 @@ def share_dvc_config(main_root: Path, ws: Path) -> Path:
 
 # ---------------------------------------------------------------- running the pipeline there
 
-def pipeline_env(store_uri: str) -> dict[str, str]:
+def pipeline_env(store_uri: str, main_root: Path) -> dict[str, str]:
     """The user's environment for stage commands, pointed at the trial's store, with no DVC
-    experiment context leaking in, and this venv's chexops/dvc first on PATH."""
+    experiment context leaking in, this venv's chexops/dvc first on PATH, and relative paths
+    meaning what they mean in the user's repo `main_root` (paths.main_repo_root)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(MLFLOW_TRACKING_URI=store_uri, DVC_NO_ANALYTICS="1")
+    env.update(MLFLOW_TRACKING_URI=store_uri, DVC_NO_ANALYTICS="1",
+               CHEXOPS_MAIN_ROOT=str(paths.main_repo_root(main_root)))
     return env
 
 

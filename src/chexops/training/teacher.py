@@ -17,7 +17,7 @@ from chexops.inference.predictor import Predictor
 from chexops.model.coding import relabel
 from chexops.model.weights import load_model, recipe_from_metadata, weights_metadata
 from chexops.redact import redact_url
-from chexops.tracking import runs
+from chexops.tracking import store
 
 TEACHER_BATCH = 64
 
@@ -95,7 +95,7 @@ def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
     if not params.clean.teacher:  # config validation catches it first; this guards direct calls
         raise ChexopsError("selftrained needs a teacher; set clean.teacher")
 
-    path = resolve_teacher(params.clean.teacher, root, runs.tracking_uri(params, root))
+    path = resolve_teacher(params.clean.teacher, root, store.tracking_uri(params, root))
     teacher = load_teacher(params, path, device)
     probs = np.zeros(raw.shape, dtype=np.float32)
     probs[rows] = teacher.probabilities(data.images[data.image_rows(rows)])
