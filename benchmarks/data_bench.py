@@ -1,10 +1,14 @@
 """Data benchmark: synthetic generation speed, and clean + resample time and memory.
 
-    python benchmarks/data_bench.py                   # small: a few seconds
+    python benchmarks/data_bench.py                   # small: 5,000 rows, under a minute
     python benchmarks/data_bench.py --scale chexpert  # 223,414 + 234 rows with images (minutes)
+        [--images realistic|tiny] [--rows N] [--patients 300] [--out FILE]
 
-Writes benchmarks/results/data_bench.json. clean + resample run in a fresh interpreter so that
-its peak resident memory (ru_maxrss) is theirs alone.
+The CheXpert-shaped zip holds, with `--images realistic` (the default), a distinct JPEG the size
+of CheXpert-small's for every row (benchmarks/fake_jpegs.py: ~50 KB, ~11 GB at CheXpert scale);
+with `--images tiny`, one 64 x 56 JPEG repeated for every row (the old, 544 MB zip). The JSON
+records the zip's bytes, so per-byte costs show. clean + resample run in a fresh interpreter so
+that its peak resident memory (ru_maxrss) is theirs alone.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -20,10 +23,16 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import fake_jpegs  # noqa: E402
+from machine import machine  # noqa: E402
+
 SCALES = {"small": {"rows": 5_000}, "chexpert": {"rows": 223_414}}
 SEED_COUNTS = (27_000, 11_116, 8_087, 177_211)   # Cardiomegaly 1 / 0 / -1 / blank at 223,414 rows
 
@@ -49,16 +58,22 @@ def scaled_counts(rows: int) -> list[int]:
     return counts
 
 
-def build_scale_zip(path: Path, rows: int) -> None:
-    """CheXpert-shaped zip: `rows` train + 234 valid rows, each with a small real JPEG."""
+def tiny_jpegs(n: int) -> Iterator[bytes]:
+    """One 64 x 56 JPEG, n times (the old mode: the zip's bytes are far below CheXpert's)."""
     from PIL import Image
-
-    from chexops.config import OBSERVATIONS
-    from chexops.data.schema import CSV_COLUMNS
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 56), np.uint8)).save(buf, "JPEG")
-    jpeg = buf.getvalue()
+    for _ in range(n):
+        yield buf.getvalue()
+
+
+def build_scale_zip(path: Path, rows: int, images: str = "realistic", workers: int = 2) -> dict:
+    """CheXpert-shaped zip: `rows` train + 234 valid rows, each with its JPEG (`images`:
+    realistic or tiny, see the module doc). Returns the mode and the zip's and JPEGs' bytes."""
+    from chexops.config import OBSERVATIONS
+    from chexops.data.schema import CSV_COLUMNS
+
     rng = np.random.default_rng(1)
     labels = np.repeat(["1.0", "0.0", "-1.0", ""], scaled_counts(rows))[rng.permutation(rows)]
     blanks = "," * (len(OBSERVATIONS) - 1)
@@ -76,8 +91,14 @@ def build_scale_zip(path: Path, rows: int) -> None:
         for split, lines in (("train", train), ("valid", valid)):
             zf.writestr(f"CheXpert-v1.0-small/{split}.csv", "\n".join([",".join(CSV_COLUMNS), *lines]) + "\n",
                         compress_type=zipfile.ZIP_DEFLATED)
-        for text in train + valid:
-            zf.writestr(text.split(",", 1)[0], jpeg)
+        n = len(train) + len(valid)
+        jpegs = fake_jpegs.jpegs(n, 0, workers) if images == "realistic" else tiny_jpegs(n)
+        jpeg_bytes = 0
+        for text, data in zip(train + valid, jpegs):
+            zf.writestr(text.split(",", 1)[0], data)
+            jpeg_bytes += len(data)
+    return {"images": images, "jpeg_count": n, "jpeg_bytes": jpeg_bytes,
+            "mean_jpeg_bytes": jpeg_bytes / n, "zip_bytes": path.stat().st_size}
 
 
 def measure(zip_path: str) -> None:
@@ -101,35 +122,45 @@ def measure(zip_path: str) -> None:
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def bench_clean_resample(rows: int) -> dict:
+def bench_clean_resample(rows: int, images: str, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = Path(tmp) / "chexpert.zip"
         start = time.perf_counter()
-        build_scale_zip(zip_path, rows)
+        built = build_scale_zip(zip_path, rows, images, workers)
         build_s = time.perf_counter() - start
         out = subprocess.run([sys.executable, __file__, "--measure", str(zip_path)], check=True,
                              capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
-    return {"train_rows": rows, "zip_build_s": build_s, **json.loads(out.stdout.strip().splitlines()[-1])}
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"train_rows": rows, "zip_build_s": build_s, **built, **measured,
+            "zip_mb_per_s": built["zip_bytes"] / 2**20 / measured["total_s"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
+    parser.add_argument("--rows", type=int, help="train rows (default: the scale's)")
+    parser.add_argument("--images", choices=("realistic", "tiny"), default="realistic",
+                        help="JPEG bytes in the zip (module doc)")
     parser.add_argument("--patients", type=int, default=300, help="synthetic train patients")
-    parser.add_argument("--workers", type=int, default=2, help="synthetic worker processes (also runs 1)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="synthetic worker processes (also runs 1); processes making the zip")
+    parser.add_argument("--out", default=str(HERE / "results/data_bench.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
         measure(args.measure)
-        return
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()},
+        return None
+    rows = args.rows or SCALES[args.scale]["rows"]
+    result = {"machine": machine(),
               "synthetic": [bench_synthetic(args.patients, w) for w in sorted({1, args.workers})],
-              "clean_resample": bench_clean_resample(SCALES[args.scale]["rows"]), "scale": args.scale}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results/data_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+              "clean_resample": bench_clean_resample(rows, args.images, args.workers),
+              "scale": args.scale if args.rows is None else f"{rows} rows"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

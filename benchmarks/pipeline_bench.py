@@ -7,8 +7,6 @@ Writes benchmarks/results/pipeline_bench.json.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -19,7 +17,9 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from machine import machine  # noqa: E402
 
 from tests.pipeline_repo import make_repo_copy, pipeline_env  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
         rounds = {k: json.loads((repo / f"metrics/round-{k}.json").read_text())["auroc"] for k in range(1, 6)}
     target = params["targets"][0]
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "profile": "params.yaml (default)",
         "dvc_repro_s": seconds,
         "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -17,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+
+from machine import machine  # noqa: E402
 
 from chexops.evaluation import stats  # noqa: E402
 
@@ -44,8 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/stats_bench.json"))
     args = parser.parse_args()
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "python": platform.python_version()},
+    results = {"machine": machine(),
                "goal": "bootstrap with >= 1,000 resamples costs seconds", "sizes": []}
     for n in (234, 10_000):
         y, p = scores(n)

@@ -30,6 +30,9 @@ from chexops.model.network import build_model
 from chexops.training.loop import EpochState, make_optimizer, train_one_epoch
 from chexops.training.schedule import OneCycle
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import git_commit, meminfo  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "densenet121"
 
@@ -37,7 +40,8 @@ ARCH = "densenet121"
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_bytes": meminfo().get("MemTotal"), **git_commit()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
