@@ -75,9 +75,11 @@ def test_all_nine_stages_ran_and_are_locked(repo):
     # the reduced run is too small to promise learning (tests/pipeline/test_default_pipeline.py does);
     # here: every figure of the seed's table is there, and the ceiling from the hidden truth
     assert isinstance(evaluation["auroc"], float) and 0.0 <= evaluation["auroc"] <= 1.0
-    for key in ("precision", "recall", "error_rate", "confusion", "ceiling_auroc"):
+    for key in ("precision", "recall", "error_rate", "confusion"):
         assert evaluation.get(key) is not None, key
-    assert evaluation["ceiling_auroc"] > 0.9  # the truth separates the classes almost perfectly
+    # the data came from a local zip, as a user's own would: no hidden truth, so no ceiling (the
+    # built-in synthetic source's ceiling is checked end to end in test_tracking_server.py)
+    assert evaluation["ceiling_auroc"] is None
 
 
 def test_noop_repro_has_nothing_to_do(repo):
@@ -119,7 +121,8 @@ def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
         kid = kids[f"train-round-{k}"]
         assert ROUND_METRICS <= set(kid.data.metrics), kid.data.metrics
         history = c.get_metric_history(kid.info.run_id, "auroc")
-        assert [m.step for m in history] == [1]  # one epoch per round, step = epoch
+        # one epoch per round, step = epoch; epoch 0 scores the weights the round started from
+        assert [m.step for m in history] == [0, 1]
         for key in ("epochs", "lr", "freeze", "batch_size", "image_size", "seed"):
             assert any(p == key or p.endswith(f".{key}") for p in kid.data.params), (k, key)
         artifacts = _artifact_paths(c, kid.info.run_id)

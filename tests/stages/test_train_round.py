@@ -100,7 +100,7 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
     assert weights.is_file()
     meta = json.loads((root / paths.round_meta(1)).read_text())
     assert meta["seed"] == 3 and meta["round"] == 1 and meta["run_id"] == "run-0"
-    assert meta["best_epoch"] in (1, 2) and meta["params"]["rounds"]["lr"] == 1e-3
+    assert meta["best_epoch"] in (0, 1, 2) and meta["params"]["rounds"]["lr"] == 1e-3
     assert set(meta["inputs"]) == {"data/raw/chexpert.zip", "data/resampled/train.parquet",
                                    "data/resampled/valid.parquet"}
     metrics = json.loads((root / paths.round_metrics(1)).read_text())
@@ -110,13 +110,13 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
     history = pd.read_csv(root / "plots/round-1/history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "auroc", "precision",
                                      "recall", "error_rate", "lr"]
-    assert history["epoch"].tolist() == [1, 2]
+    assert history["epoch"].tolist() == [0, 1, 2]  # 0: the start, scored before training
     run, resumed = runs[0]
     assert resumed is None
     assert run.params["lr"] == 1e-3 and run.params["epochs"] == 2 and run.params["seed"] == 3
     assert run.params["image_size"] == 32 and run.params["batch_size"] == 4
-    assert [step for step, _ in run.steps] == [1, 2]
-    assert set(run.steps[0][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
+    assert [step for step, _ in run.steps] == [0, 1, 2]
+    assert set(run.steps[1][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
                                       "error_rate", "lr"}
     assert run.dicts["confusion.json"] == {"Cardiomegaly": metrics["confusion"]}
     assert run.figures == ["confusion.png"] and "best.safetensors" in run.artifacts
@@ -147,7 +147,8 @@ def test_round_two_needs_round_one_weights(root):
 
 
 def test_round_two_starts_from_round_one_and_logs_the_lr_range(root, runs):
-    p = params()
+    # every epoch handed on, so the frozen round's weights are the trained ones
+    p = params(train={"image_size": 32, "batch_size": 4, "score_start": False})
     stage.main(p, root, 1)
     stage.main(p, root, 2)
     run = runs[1][0]
@@ -256,7 +257,7 @@ def test_a_code_change_is_not_resumed_from_the_old_codes_checkpoint(root, runs, 
     stage.main(p, root, 1)
     rerun, resumed = runs[1]
     assert resumed is None                                       # a new MLflow run
-    assert [step for step, _ in rerun.steps] == [1, 2]         # epoch 1 trained again
+    assert [step for step, _ in rerun.steps] == [0, 1, 2]      # epoch 1 trained again
     meta = json.loads((root / paths.round_meta(1)).read_text())
     assert meta["resumed_from_epoch"] is None and set(meta["code"]) == {"src/chexops/training/loop.py"}
 
@@ -299,8 +300,8 @@ def test_round_one_with_pretrained_file_tags_its_md5_and_resolves_from_the_root(
                rounds={"r1": {"epochs": 1, "freeze": False}})
     stage.main(p, root, 1)
     run = runs[0][0]
-    assert run.tags == {"pretrained_path": "weights/r18.safetensors",
-                        "pretrained_md5": file_md5(weights)}
+    assert run.tags["pretrained_path"] == "weights/r18.safetensors"
+    assert run.tags["pretrained_md5"] == file_md5(weights)
     meta = json.loads((root / paths.round_meta(1)).read_text())
     assert meta["inputs"]["weights/r18.safetensors"] == file_md5(weights)
 

@@ -19,7 +19,9 @@ from chexops.training.schedule import OneCycle, discriminative_lrs
 from chexops.inference.predictor import predict_probs
 from chexops.inference.settings import Settings
 from chexops.model.coding import masked_bce
+from chexops.model.weights import state_to_save
 from chexops.training.loop import RoundPlan, train_round
+from chexops.training.rounds import round_metrics
 from chexops.training.step import accumulate_grads, auto_batch_size
 
 torch.set_num_threads(1)
@@ -36,8 +38,10 @@ def tiny_data(n: int = 16, seed: int = 0, size: int = 32) -> ArraySet:
 
 
 def plan(**overrides) -> RoundPlan:
+    # score_start off: these tests count the trained epochs; epoch 0 has its own tests below
     train = TrainConfig(image_size=32, batch_size=overrides.pop("batch_size", 4),
-                        max_batches=overrides.pop("max_batches", 0))
+                        max_batches=overrides.pop("max_batches", 0),
+                        score_start=overrides.pop("score_start", False))
     base = dict(epochs=2, lr=(1e-4, 1e-3), freeze=False, seed=7, targets=("Cardiomegaly",),
                 train=train)
     return RoundPlan(**{**base, **overrides})
@@ -188,6 +192,43 @@ def test_worse_epoch_never_overwrites_best_weights(tmp_path, monkeypatch):
                          on_epoch_end=lambda row: snapshots.append(out.read_bytes()))
     assert result.best_epoch == 1 and result.best_metrics["auroc"] == 0.8
     assert snapshots[0] == snapshots[1] == out.read_bytes()
+
+
+def scripted_aurocs(monkeypatch, scores: list[float]) -> None:
+    """validate() as it is, but reporting the given AUROCs in turn (epoch 0 first, if scored)."""
+    it, real = iter(scores), train_mod.validate
+    monkeypatch.setattr(train_mod, "validate",
+                        lambda *a, **k: {**real(*a, **k), "auroc": next(it)})
+
+
+def test_a_round_whose_epochs_never_beat_its_start_hands_on_its_start(tmp_path, monkeypatch):
+    scripted_aurocs(monkeypatch, [0.9, 0.6, 0.7])  # the start, then two worse epochs
+    model, out, rows = new_model(), tmp_path / "best.safetensors", []
+    start = {k: v.clone() for k, v in state_to_save(model).items()}
+    result = train_round(model, tiny_data(), tiny_data(8, 1), plan(score_start=True), out,
+                         on_epoch_end=rows.append)
+    assert [r["epoch"] for r in result.history] == [0, 1, 2] and rows == result.history
+    assert rows[0]["train_loss"] is None and rows[0]["lr"] is None  # scored, not trained
+    assert result.best_epoch == 0 and result.best_metrics["auroc"] == 0.9
+    written = load_file(str(out))
+    assert written.keys() == start.keys()
+    assert all(torch.equal(written[k], start[k]) for k in start)  # the very weights it started from
+    assert round_metrics(result)["kept_start"] is True
+
+
+def test_an_epoch_that_beats_the_start_replaces_it(tmp_path, monkeypatch):
+    scripted_aurocs(monkeypatch, [0.6, 0.8, 0.7])
+    result = train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(score_start=True),
+                         tmp_path / "best.safetensors")
+    assert result.best_epoch == 1 and round_metrics(result)["kept_start"] is False
+
+
+def test_the_seed_studys_behaviour_keeps_the_rounds_best_epoch_even_below_its_start(
+        tmp_path, monkeypatch):
+    scripted_aurocs(monkeypatch, [0.6, 0.7])  # no epoch 0: the start is never scored
+    result = train_round(new_model(), tiny_data(), tiny_data(8, 1), plan(score_start=False),
+                         tmp_path / "best.safetensors")
+    assert [r["epoch"] for r in result.history] == [1, 2] and result.best_epoch == 2
 
 
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_best(tmp_path):

@@ -120,6 +120,9 @@ class TrainConfig:
     moms: tuple[float, float] = (0.95, 0.85)
     pos_weight: float | None = None      # None, or > 0
     max_batches: int = 0                 # 0 = whole epoch; >0 caps batches per epoch (tests)
+    # epoch 0: a round first scores the weights it starts from and hands them on unless an epoch
+    # beats them (never lose the best); false: the seed study's behaviour, each round's best epoch
+    score_start: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
 

@@ -129,5 +129,9 @@ def _train(params: Params, root: Path, k: int, device, start: _Start, train, val
         return
     rounds.write_outputs(root, k, result, meta)
     rounds.log_best(stage_run, root, k, result)
-    print(f"train-round-{k}: best epoch {result.best_epoch}, validation AUROC "
-          f"{result.best_metrics['auroc']:.4f}", file=sys.stderr)
+    kept = result.best_epoch == 0
+    stage_run.set_tags({"chexops.kept_start": str(kept).lower()})
+    what = ("no epoch beat the weights it started from, which it hands on" if kept
+            else f"best epoch {result.best_epoch}")
+    print(f"train-round-{k}: {what}, validation AUROC {result.best_metrics['auroc']:.4f}",
+          file=sys.stderr)

@@ -20,18 +20,14 @@ from torch import nn
 from chexops.config import RuntimeConfig, TrainConfig
 from chexops.data.batches import ArraySet, make_loader
 from chexops.errors import ChexopsError
-from chexops.evaluation.metrics import multi_target_metrics
-from chexops.inference.predictor import predict_logits
 from chexops.inference.settings import Settings, resolve_settings
 from chexops.model.network import ChexNet, freeze_body, layer_groups
 from chexops.model.weights import save_weights, state_to_save
 from chexops.training import checkpoint as ckpt
 from chexops.training import distributed
 from chexops.training.schedule import OneCycle, discriminative_lrs
+from chexops.training.selection import Best, check_valid_split, history_row, validate
 from chexops.training.step import auto_batch_size, train_step
-
-HISTORY_KEYS = ("epoch", "train_loss", "valid_loss", "auroc", "precision", "recall",
-                "error_rate", "lr")
 
 
 @dataclass(frozen=True)
@@ -110,40 +106,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...],
-             epoch: int | None = None) -> dict[str, Any]:
-    """Validation loss and per-target metrics at 0.5 (macro means for several targets), over the
-    whole validation set (under DDP each rank predicts a shard; the shards are gathered)."""
-    n = len(loader.dataset)
-    logits, labels, mask = (distributed.gather_rows(a, n) for a in predict_logits(model, loader, s))
-    if not np.isfinite(logits).all():  # finite training loss, yet the weights blew up (BatchNorm stats)
-        where = f" after epoch {epoch}" if epoch is not None else ""
-        raise ChexopsError(f"validation outputs are not finite{where}: the model diverged; the best "
-                           f"weights so far are kept; lower the round's lr or use a larger batch")
-    loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
-    probs = s.probs(logits)
-    report = multi_target_metrics(labels, probs, targets, mask)
-    per = list(report["targets"].values())
-    mean = {k: float(np.mean([m[k] for m in per])) for k in ("precision", "recall", "error_rate")}
-    return {"valid_loss": float(loss), "auroc": report["mean_auroc"], **mean,
-            "targets": report["targets"]}
-
-
-def check_valid_split(valid: ArraySet, targets: tuple[str, ...]) -> None:
-    """AUROC (the selection metric) needs both classes of every target in the validation split."""
-    if len(valid) == 0:
-        raise ChexopsError("the validation split is empty: AUROC is undefined; "
-                           "check the clean stage's filters (views, sex, age)")
-    for j, t in enumerate(targets):
-        y = valid.labels[valid.mask[:, j], j]
-        if len(np.unique(y)) < 2:
-            kind = "no labelled" if len(y) == 0 else ("only positive" if y[0] == 1 else
-                                                        "only negative")
-            raise ChexopsError(f"the validation split has {kind} {t} cases: AUROC is undefined, "
-                               f"so no epoch can be chosen; use a validation split with both "
-                               f"classes")
-
-
 # ---------------------------------------------------------------- the round
 
 def make_optimizer(model: ChexNet, lr: float | tuple[float, ...], wd: float,
@@ -156,17 +118,6 @@ def make_optimizer(model: ChexNet, lr: float | tuple[float, ...], wd: float,
     return optimizer, peaks
 
 
-def _history_row(epoch: int, train_loss: float, val: dict[str, Any], lr: float) -> dict[str, Any]:
-    return {"epoch": epoch, "train_loss": train_loss, "valid_loss": val["valid_loss"],
-            "auroc": val["auroc"], "precision": val["precision"], "recall": val["recall"],
-            "error_rate": val["error_rate"], "lr": lr}
-
-
-def _improves(auroc: float | None, best: float | None) -> bool:
-    """Strictly better (the first of equal epochs is kept, as fastai's SaveModelCallback)."""
-    return auroc is not None and np.isfinite(auroc) and (best is None or auroc > best)
-
-
 @dataclass
 class _Loop:
     """The live objects of a round, so resume and checkpointing touch one place."""
@@ -177,10 +128,7 @@ class _Loop:
     state: EpochState
     batch_size: int
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_score: float | None = None
-    best_epoch: int = 0
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    best_state: dict[str, torch.Tensor] | None = None
+    best: Best = field(default_factory=Best)
 
     def checkpoint(self, epoch: int, fp: str, run_id: str | None,
                    lr_found: float | None = None) -> dict[str, Any]:
@@ -189,9 +137,7 @@ class _Loop:
                 "model": state_to_save(self.model), "optimizer": self.optimizer.state_dict(),
                 "step": self.state.step, "micro_batch": self.state.micro,
                 "batch_size": self.batch_size, "rng": ckpt.rng_state(self.generator),
-                "history": self.history, "best_score": self.best_score,
-                "best_epoch": self.best_epoch, "best_metrics": self.best_metrics,
-                "best_state": self.best_state}
+                "history": self.history, **self.best.to_checkpoint()}
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
@@ -199,8 +145,7 @@ class _Loop:
         self.state = EpochState(saved["step"], saved["micro_batch"])
         ckpt.set_rng_state(saved["rng"], self.generator)
         self.history = list(saved["history"])
-        self.best_score, self.best_epoch = saved["best_score"], saved["best_epoch"]
-        self.best_metrics, self.best_state = saved["best_metrics"], saved["best_state"]
+        self.best = Best.from_checkpoint(saved)
 
 
 def _resolve_batch(plan: RoundPlan, model: ChexNet, s: Settings, n_items: int,
@@ -254,8 +199,8 @@ def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
     loop.state.micro = min(loop.state.micro, distributed.per_rank_batch(loop.batch_size))
     if not distributed.is_main():
         return saved["epoch"] + 1
-    if loop.best_state is not None:  # DVC removes a stage's outputs before re-running it
-        save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(loop.best_epoch)})
+    if loop.best.state is not None:  # DVC removes a stage's outputs before re-running it
+        save_weights(loop.best.state, out_path, {**(metadata or {}), "epoch": str(loop.best.epoch)})
     print(f"chexops: resuming after epoch {saved['epoch']} from its checkpoint", file=sys.stderr)
     return saved["epoch"] + 1
 
@@ -289,6 +234,10 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
         on_epoch_end(loop.history[-1])
     net = distributed.wrap_model(model, s.device)
     compiled = cast(nn.Module, torch.compile(net)) if plan.runtime.compile else net
+    if saved is None and plan.train.score_start:  # epoch 0: the weights the round starts from
+        row = _score(loop, net, valid_dl, s, plan, 0, None, out_path, weights_metadata)
+        if main and on_epoch_end is not None:
+            on_epoch_end(row)
     for epoch in range(start, plan.epochs + 1):
         row = _run_epoch(loop, compiled, train_dl, valid_dl, s, plan, epoch, n_batches, out_path,
                          weights_metadata)
@@ -299,11 +248,11 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
                                  loop.checkpoint(epoch, fingerprint, run_id, lr_found))
         if on_epoch_end is not None:
             on_epoch_end(row)
-    if loop.best_state is None:
+    if loop.best.state is None:
         raise ChexopsError("no epoch had a defined validation AUROC; check the validation split")
     if checkpoint_path and main:
         ckpt.remove_checkpoint(checkpoint_path)
-    return RoundResult(loop.history, loop.best_epoch, loop.best_metrics, loop.batch_size,
+    return RoundResult(loop.history, loop.best.epoch, loop.best.metrics, loop.batch_size,
                        loop.state.micro, start - 1 if saved is not None else None)
 
 
@@ -316,19 +265,22 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
     train_loss = float(distributed.mean_over_ranks(
         torch.tensor(train_loss, dtype=torch.float64, device=s.device)))
     distributed.average_buffers(loop.model)  # one BatchNorm state on every rank
+    return _score(loop, model, valid_dl, s, plan, epoch, train_loss, out_path, metadata)
+
+
+def _score(loop: _Loop, model: nn.Module, valid_dl, s: Settings, plan: RoundPlan, epoch: int,
+           train_loss: float | None, out_path: str | Path,
+           metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Validate after `epoch` (0: before any training), record it, keep it if it is the best."""
     val = validate(model, valid_dl, s, plan.targets, epoch)
-    lr = loop.optimizer.param_groups[-1]["lr"]
-    row = _history_row(epoch, train_loss, val, lr)
+    lr = loop.optimizer.param_groups[-1]["lr"] if epoch else None
+    row = history_row(epoch, train_loss, val, lr)
     loop.history.append(row)
-    if _improves(val["auroc"], loop.best_score):
-        loop.best_score, loop.best_epoch = val["auroc"], epoch
-        loop.best_metrics = {**{k: row[k] for k in HISTORY_KEYS}, "targets": val["targets"]}
-        loop.best_state = state_to_save(loop.model)
-        if distributed.is_main():
-            save_weights(loop.best_state, out_path, {**(metadata or {}), "epoch": str(epoch)})
+    loop.best.offer(row, val, loop.model, out_path, metadata, distributed.is_main())
     if distributed.is_main():
-        print(f"epoch {epoch}/{plan.epochs}: train_loss {train_loss:.4f} valid_loss "
-              f"{val['valid_loss']:.4f} auroc {_fmt(val['auroc'])}", file=sys.stderr)
+        loss = "start" if train_loss is None else f"train_loss {train_loss:.4f}"
+        print(f"epoch {epoch}/{plan.epochs}: {loss} valid_loss {val['valid_loss']:.4f} "
+              f"auroc {_fmt(val['auroc'])}", file=sys.stderr)
     return row
 
 

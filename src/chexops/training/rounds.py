@@ -193,8 +193,9 @@ def round_metrics(result) -> dict[str, Any]:
         best.update(next(iter(per.values())))
     else:
         best["targets"] = per
-    return {**best, "best_epoch": result.best_epoch, "batch_size": result.batch_size,
-            "micro_batch": result.micro_batch}
+    # best epoch 0: no epoch beat the weights the round started from, which it hands on
+    return {**best, "best_epoch": result.best_epoch, "kept_start": result.best_epoch == 0,
+            "batch_size": result.batch_size, "micro_batch": result.micro_batch}
 
 
 def log_best(stage_run, root: Path, k: int, result) -> None:
