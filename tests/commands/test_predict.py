@@ -46,18 +46,10 @@ def test_decode_squishes_to_the_model_size_and_flags_bad_images(images):
     assert decode.decode_image(images["jpg"].read_bytes(), SIZE).dtype == np.uint8
     with pytest.raises(ChexopsError, match="not a readable image"):
         decode.decode_image(images["text"], SIZE)
-    with pytest.raises(ChexopsError, match="4 channels"):
+    with pytest.raises(ChexopsError, match=r"image has transparency \(RGBA"):
         decode.decode_image(images["rgba"], SIZE)
     with pytest.raises(ChexopsError, match="file not found"):
         decode.decode_image(images["missing"], SIZE)
-
-
-def test_sixteen_bit_images_are_scaled_by_their_range(tmp_path):
-    arr = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
-    path = tmp_path / "deep.png"
-    Image.fromarray(arr).save(path)
-    out = decode.decode_image(path, SIZE)
-    assert out.min() <= 5 and out.max() >= 250  # full 8-bit range, not the top 8 bits
 
 
 def test_huge_images_are_downscaled_by_the_decoder_or_refused(tmp_path, monkeypatch):

@@ -157,5 +157,5 @@ def test_full_image_check_drops_truncated_jpegs(tmp_path, stage_runs, check):
         assert victim in set(df["Path"]) and report.empty
     else:
         assert victim not in set(df["Path"]) and list(report["Path"]) == [victim]
-        assert report["reason"].iloc[0] == "undecodable (truncated or corrupt)"
+        assert report["reason"].iloc[0].startswith("undecodable: image is truncated or corrupt (")
         assert len(df) == len(train) + len(valid) - 1

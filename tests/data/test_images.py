@@ -42,9 +42,10 @@ def test_check_images_lists_missing_and_unreadable(tmp_path):
     paths = list(train["Path"])
     z = write_chexpert_zip(tmp_path / "c.zip", train, valid, skip_images=(paths[0],),
                            corrupt_images=(paths[1],))
-    bad = dict(check_images(z, paths))
+    found, colour = check_images(z, paths)
+    bad = dict(found)
     assert bad[paths[0]] == "missing" and bad[paths[1]].startswith("unreadable")
-    assert len(bad) == 2
+    assert len(bad) == 2 and colour == 0
 
 
 def test_load_image_array_caches_once_and_workers_agree(tiny_chexpert_zip, tmp_path):
@@ -69,8 +70,8 @@ def test_load_image_array_caches_once_and_workers_agree(tiny_chexpert_zip, tmp_p
 def count_decodes(monkeypatch) -> list:
     """Patch the decoder to record each call (same process: workers <= 1)."""
     calls = []
-    real = zipimages.decode
-    monkeypatch.setattr(zipimages, "decode",
+    real = zipimages.decode_image
+    monkeypatch.setattr(zipimages, "decode_image",
                         lambda data, size=None: calls.append(size) or real(data, size))
     return calls
 
@@ -226,15 +227,16 @@ def truncated_zip(tmp_path):
 
 def test_truncated_jpeg_passes_the_header_check_but_reads_as_a_one_line_error(tmp_path):
     z, victim, _ = truncated_zip(tmp_path)
-    assert check_images(z, [victim]) == []            # the fast check cannot see it
+    assert check_images(z, [victim]) == ([], 0)       # the fast check cannot see it
     with ZipImages(z) as zi:
         for size in (None, 16):
             with pytest.raises(ChexopsError) as info:
                 zi.read(victim, size)
             msg = str(info.value)
-            assert msg.startswith(f"{victim} in {z} cannot be decoded (OSError: ")
-            assert "truncated or corrupt; set clean.image_check: full and re-run `dvc repro clean`" in msg
-            assert "remove the file from the data source" in msg and "\n" not in msg
+            assert msg.startswith(f"{victim} in {z} cannot be decoded (image is truncated or "
+                                  f"corrupt (OSError: ")
+            assert "set clean.image_check: full and re-run `dvc repro clean`" in msg
+            assert "fix or remove the file in the data source" in msg and "\n" not in msg
             assert info.value.__cause__ is None
 
 

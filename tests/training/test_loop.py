@@ -241,9 +241,22 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_best(tmp_path):
         poisoned["on"] = True  # epoch 2 diverges from its first batch
         after_epoch.best = out.read_bytes()
 
-    with pytest.raises(ChexopsError, match=r"non-finite training loss .* epoch 2, batch 0"):
+    with pytest.raises(ChexopsError, match=r"non-finite training loss .* epoch 2, batch 0; "
+                                           r"lower the round's lr"):
         train_round(model, tiny_data(), tiny_data(8, 1), plan(), out, on_epoch_end=after_epoch)
     assert out.read_bytes() == after_epoch.best
+
+
+def test_non_finite_loss_on_flat_images_blames_the_data_not_the_lr(tmp_path):
+    model = new_model()
+    model.register_forward_hook(lambda m, i, o: o * float("nan"))
+    flat = tiny_data()
+    flat.images[:] = 255                     # what a mis-scaled 16-bit PNG used to decode to
+    with pytest.raises(ChexopsError) as info:
+        train_round(model, flat, tiny_data(8, 1), plan(), tmp_path / "best.safetensors")
+    msg = str(info.value)
+    assert "epoch 1, batch 0; every image of the batch is one flat grey level" in msg
+    assert "lr" not in msg.split(";")[1]
 
 
 def test_non_finite_validation_outputs_name_the_epoch_and_keep_best(tmp_path):

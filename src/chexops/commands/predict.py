@@ -1,11 +1,11 @@
 """`chexops predict IMAGES... --model models:/<name>@champion | path/to/best.safetensors`:
 per-image probabilities per target as CSV or JSON, optional Grad-CAM heatmaps.
 
-Each image is decoded on its own: one that is not an image, has the wrong channels or is too
-large is flagged in the `error` column while the others are still predicted. Decoding keeps
-PIL's decompression-bomb guard; the draft-and-resize step is the training cache's own
-(`chexops.data.images.decode`: JPEG draft, Lanczos squish), so an image gives the network the
-same pixels here as in training, and a huge JPEG is still downscaled by its decoder.
+Each image is decoded on its own: one that is not an image, has transparency or is too large
+is flagged in the `error` column while the others are still predicted. The decoder is the
+training image store's own (`chexops.data.decode.decode_image`: bit depth, orientation, colour
+and transparency policy, JPEG draft, Lanczos squish), so an image gives the network the same
+pixels here as in training, and a huge JPEG is still downscaled by its decoder.
 
 The weights' metadata says how the outputs read (`coding`, chexops.model.coding.OutputCoding):
 one sigmoid logit per binary target, three logits per U-MultiClass target whose positive

@@ -2,7 +2,8 @@
 
 Adds `valid` and `patient`, fills blanks with 0, applies each observation's uncertainty
 policy to the training split, filters views / sex / age, checks every image path and
-header (or, with clean.image_check: full, decodes every image), and records label counts
+header against the decoder's policy (chexops.data.decode: transparency is dropped, colour is
+counted) or, with clean.image_check: full, decodes every image, and records label counts
 before and after.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from chexops.config import OBSERVATIONS, Params
+from chexops.data.decode import ImageProblem, decode_image
 from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
 from chexops.data.zipimages import ZipImages, check_images, check_member_path, find_root
 from chexops.errors import ChexopsError
@@ -153,35 +155,38 @@ def label_counts(df: pd.DataFrame, targets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def decode_failures(zip_path: Path, paths: list[str]) -> list[tuple[str, str]]:
-    """(path, reason) for every image that fails a full decode (truncated or corrupt data that
-    the header check lets through). Slow: every image is decompressed."""
+    """(path, reason) for every image the decoder (chexops.data.decode) refuses on a full decode:
+    truncated or corrupt data the header check lets through, float or deep images outside the
+    range they declare. Slow: every image is decompressed."""
     bad: list[tuple[str, str]] = []
     with ZipImages(zip_path) as zi:
         for p in paths:
             try:
-                zi.read(p)
-            except ChexopsError:
-                bad.append((p, "undecodable (truncated or corrupt)"))
+                with zi.zf.open(p) as fh:
+                    decode_image(fh)
+            except ImageProblem as exc:
+                bad.append((p, f"undecodable: {exc.problem}"))
     return bad
 
 
 def drop_bad_images(df: pd.DataFrame, zip_path: Path, max_bad: float,
-                    full: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows with readable images, report of the bad ones); error above `max_bad` share.
+                    full: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(rows with readable images, report of the bad ones, images stored in colour); error above
+    `max_bad` share. Images the decoder's policy refuses (transparency) are bad images too.
 
     `full` decodes every image that passes the header check (clean.image_check: full)."""
-    found = check_images(zip_path, df["Path"].tolist())
+    found, colour = check_images(zip_path, df["Path"].tolist())
     if full:
         flagged = {p for p, _ in found}
         found += decode_failures(zip_path, [p for p in df["Path"] if p not in flagged])
     bad = pd.DataFrame(found, columns=["Path", "reason"])
     share = len(bad) / max(len(df), 1)
     if share > max_bad:
-        examples = ", ".join(bad["Path"].head(3))
-        raise ChexopsError(f"{len(bad)} of {len(df)} images ({share:.1%}) are missing or unreadable, "
-                           f"above clean.max_bad_fraction={max_bad}; repair the data (e.g. {examples}) "
-                           f"or raise clean.max_bad_fraction")
-    return df[~df["Path"].isin(bad["Path"])].reset_index(drop=True), bad
+        examples = ", ".join(f"{p} ({r})" for p, r in found[:3])
+        raise ChexopsError(f"{len(bad)} of {len(df)} images ({share:.1%}) are missing, unreadable "
+                           f"or refused, above clean.max_bad_fraction={max_bad}; repair the data "
+                           f"(e.g. {examples}) or raise clean.max_bad_fraction")
+    return df[~df["Path"].isin(bad["Path"])].reset_index(drop=True), bad, colour
 
 
 def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -191,8 +196,8 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     before = label_counts(df, params.targets)
     rows_before = {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
     df = filter_rows(df, params)
-    df, bad = drop_bad_images(df, zip_path, params.clean.max_bad_fraction,
-                              full=params.clean.image_check == "full")
+    df, bad, colour = drop_bad_images(df, zip_path, params.clean.max_bad_fraction,
+                                      full=params.clean.image_check == "full")
     for split, n in (("train", int((~df["valid"]).sum())), ("valid", int(df["valid"].sum()))):
         if n == 0:
             raise ChexopsError(f"no {split} rows left after the clean filters; "
@@ -202,7 +207,7 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     df["Age"] = df["Age"].astype(int) if (df["Age"] % 1 == 0).all() else df["Age"]
     metrics = {"rows_before": rows_before,
                "rows_after": {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())},
-               "bad_images": len(bad), "labels_before": before,
+               "bad_images": len(bad), "colour_images": colour, "labels_before": before,
                "labels_after": label_counts(df, params.targets)}
     columns = [*CSV_COLUMNS, "valid", "patient"]
     return df[columns], bad, metrics
@@ -216,3 +221,6 @@ def print_counts(metrics: dict) -> None:
                 print(f"clean {when.split('_')[1]:6s} {split:5s} {target}: {text}")
     print(f"clean: {metrics['rows_after']['train']} train + {metrics['rows_after']['valid']} valid "
           f"rows kept, {metrics['bad_images']} bad images dropped")
+    if metrics["colour_images"]:
+        print(f"clean: warning: {metrics['colour_images']} images are stored in colour; they are "
+              f"read as their luminance (greyscale), as predict reads them")

@@ -2,7 +2,8 @@
 
 `synthetic` generates the built-in CheXpert; `url` streams the zip from $<data.url_env>
 (a signed link: never stored, printed with its query string redacted); a local directory is
-packed into a zip (the user's files are only read); a local zip is validated and copied.
+packed into a zip (the user's files are only read); a local zip is validated and copied
+(chexops.data.archive: rewritten when another tool wrote '\\' separators or litter).
 data/raw is written as a whole folder, atomically: a failure leaves nothing half-written.
 """
 from __future__ import annotations
@@ -20,37 +21,16 @@ from urllib.parse import urlsplit
 
 from chexops import paths
 from chexops.config import Params, url_in_source_message
+from chexops.data.archive import is_litter, place_zip
+from chexops.data.decode import IMAGE_EXTENSIONS
 from chexops.data.schema import CHEXPERT_ROOTS
-from chexops.data.zipimages import check_member_path, find_root
+from chexops.data.zipimages import find_root
 from chexops.errors import ChexopsError
 from chexops.redact import redact_url
 
 STAGE = "download"
 _sleep = time.sleep           # tests replace it: back-off without waiting
 _BLOCK = 1 << 20
-
-
-# ---------------------------------------------------------------- validating a zip
-
-def validate_zip(path: Path, label: str) -> str:
-    """The CheXpert root of a zip; errors for a non-zip, a non-CheXpert zip, zip-slip entries."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except zipfile.BadZipFile:
-        raise ChexopsError(f"{label} is not a zip file; give a CheXpert-v1.0-small zip "
-                           f"or folder as data.source") from None
-    for name in names:
-        try:
-            check_member_path(name.rstrip("/") or "/")
-        except ChexopsError:
-            raise ChexopsError(f"{label}: entry {name!r} would be written outside the data folder "
-                               f"(zip-slip); refusing it, use an untampered CheXpert zip") from None
-    root = find_root(names)
-    if root is None:
-        raise ChexopsError(f"{label} is not CheXpert: no {CHEXPERT_ROOTS[0]}/train.csv and "
-                           f"valid.csv inside; give the CheXpert-v1.0-small zip")
-    return root
 
 
 # ---------------------------------------------------------------- local sources
@@ -65,11 +45,15 @@ def find_local_root(folder: Path) -> Path:
                        f"train.csv and valid.csv; point data.source at that folder")
 
 
-def pack_folder(src_root: Path, dest: Path) -> None:
-    """Zip the CheXpert folder (sorted, fixed timestamps, JPEGs stored): same folder, same bytes."""
+def pack_folder(src_root: Path, dest: Path) -> int:
+    """Zip the CheXpert folder (sorted, fixed timestamps, JPEGs stored): same folder, same bytes.
+    Litter (.DS_Store, Thumbs.db, ._ files, __MACOSX/) is left out; returns how many."""
     files = sorted(p for p in src_root.rglob("*") if p.is_file())
+    litter = [f for f in files if is_litter(f.relative_to(src_root).as_posix())]
     with zipfile.ZipFile(dest, "w", allowZip64=True) as zf:
         for f in files:
+            if f in litter:
+                continue
             if not f.resolve().is_relative_to(src_root.resolve()):
                 raise ChexopsError(f"{f} links outside {src_root}; replace the link by the file")
             name = f"{src_root.name}/{f.relative_to(src_root).as_posix()}"
@@ -78,17 +62,17 @@ def pack_folder(src_root: Path, dest: Path) -> None:
             info.compress_type = zipfile.ZIP_DEFLATED if f.suffix == ".csv" else zipfile.ZIP_STORED
             with f.open("rb") as fin, zf.open(info, "w", force_zip64=True) as fout:
                 shutil.copyfileobj(fin, fout, _BLOCK)
+    return len(litter)
 
 
-def ingest_local(source: Path, dest: Path) -> None:
+def ingest_local(source: Path, dest: Path) -> int:
+    """The local folder or zip `source` as the zip `dest`; returns the litter entries skipped."""
     if not source.exists():
         raise ChexopsError(f"data.source {source} does not exist; give an existing CheXpert "
                            f"folder or .zip, `url` or `synthetic`")
     if source.is_dir():
-        pack_folder(find_local_root(source), dest)
-    else:
-        validate_zip(source, str(source))
-        shutil.copyfile(source, dest)
+        return pack_folder(find_local_root(source), dest)
+    return place_zip(source, str(source), dest)
 
 
 # ---------------------------------------------------------------- URL source
@@ -273,6 +257,7 @@ def produce(params: Params, root: Path, out: Path) -> dict:
     """Fill the temp folder `out` with chexpert.zip (and the truth); return facts to log."""
     source, zip_path = params.data.source, out / paths.RAW_ZIP.name
     kind = source_kind(source, params.data.url_env)
+    skipped = 0
     if kind == "synthetic":
         from chexops.data.synthetic.generate import generate_zip
 
@@ -282,12 +267,13 @@ def produce(params: Params, root: Path, out: Path) -> dict:
         url = url_from_env(params)
         print(f"download: {redact_url(url)}")
         fetch_with_retries(url, zip_path, params)
-        validate_zip(zip_path, f"the file from {redact_url(url)}")
+        skipped = place_zip(zip_path, f"the file from {redact_url(url)}", zip_path)
     else:
         local = Path(source).expanduser()
         # relative to the user's repo, not a DVC temp workspace's copy of it
-        ingest_local(local if local.is_absolute() else paths.main_repo_root(root) / local, zip_path)
-    return summarize(zip_path) | {"source": kind}
+        skipped = ingest_local(local if local.is_absolute() else paths.main_repo_root(root) / local,
+                               zip_path)
+    return summarize(zip_path) | {"source": kind, "skipped_entries": skipped}
 
 
 def csv_rows(data: bytes) -> int:
@@ -298,10 +284,10 @@ def csv_rows(data: bytes) -> int:
 
 
 def summarize(zip_path: Path) -> dict:
-    """Rows of each CSV and JPEG count, for the log."""
+    """Rows of each CSV and image count, for the log."""
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         root = find_root(names)
         rows = {s: csv_rows(zf.read(f"{root}/{s}.csv")) for s in ("train", "valid")}
-    images = sum(n.lower().endswith((".jpg", ".jpeg", ".png")) for n in names)
+    images = sum(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
     return {"train_rows": rows["train"], "valid_rows": rows["valid"], "images": images}

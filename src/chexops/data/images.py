@@ -1,7 +1,8 @@
 """The decoded-image store: decoded, resized images live in one memory-mapped uint8 store per
 (zip content, size, decoder version) under the cache folder: one slot per image member, filled
 lazily as path lists ask for them, shared by every round, resample draw and trial over the same
-data. Reading the zip itself is chexops.data.zipimages.
+data. Reading the zip itself is chexops.data.zipimages; turning a file into pixels is
+chexops.data.decode, the decoder predict and serving use too.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from filelock import FileLock
 
 from chexops import atomic
+from chexops.data.decode import IMAGE_EXTENSIONS
 from chexops.data.zipimages import ZipImages, check_member_path
 from chexops.errors import ChexopsError
 
@@ -37,10 +39,10 @@ _CHUNK = 256
 # DECODER_VERSION and Pillow's version: content-based, cheap, blind to mtime, so every path list
 # (resample draws, seeds, valid in any order), round and trial on the same data shares one store.
 
-# Bump whenever decode()/resizing changes what pixels come out: old stores are then never read.
-DECODER_VERSION = 1
+# Bump whenever chexops.data.decode changes what pixels come out: old stores are then never read.
+# 2: one decoder for every path (bit depth, sBIT, EXIF orientation, gamma, transparency refused).
+DECODER_VERSION = 2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _PERSIST_EVERY_S = 30.0          # a long fill saves its progress this often (resumable after a kill)
 
 _WORKER: dict = {}

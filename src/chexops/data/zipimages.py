@@ -1,17 +1,18 @@
 """Reading images straight out of the CheXpert zip: member paths checked against the data root
-(zip-slip), the CheXpert root folder found, one image decoded, headers checked. The zip is one
-DVC object; images are never unpacked to 224k loose files."""
+(zip-slip), the CheXpert root folder found, one image decoded (by chexops.data.decode, the one
+decoder), headers checked against the decoder's policy. The zip is one DVC object; images are
+never unpacked to 224k loose files."""
 from __future__ import annotations
 
 import posixpath
 import re
 import zipfile
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image
 
+from chexops.data.decode import ImageProblem, decode_image, header_problem, is_colour
 from chexops.data.schema import CHEXPERT_ROOTS
 from chexops.errors import ChexopsError
 
@@ -41,30 +42,10 @@ def find_root(names: list[str] | set[str]) -> str | None:
     return None
 
 
-def decode(data: str | Path | IO[bytes], size: int | None = None) -> np.ndarray:
-    """Greyscale uint8 pixels (H, W), from a path or an open binary file; with `size`, squished
-    to (size, size) (the whole thorax kept) with JPEG draft decoding and Lanczos."""
-    with Image.open(data) as img:
-        if size is not None:
-            img.draft("L", (size, size))          # JPEG DCT scaling: much less work
-        grey = img.convert("L")
-        if size is not None and grey.size != (size, size):
-            grey = grey.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(grey, dtype=np.uint8)
-
-
-# What a truncated or corrupt image raises while decoding (UnidentifiedImageError and
-# "image file is truncated" are OSErrors; zip CRC failures are BadZipFile).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-                 zipfile.BadZipFile)
-
-
-def undecodable(member: str, zip_path: Path, exc: BaseException) -> ChexopsError:
-    reason = " ".join(str(exc).split())[:120]
-    return ChexopsError(f"{member} in {zip_path} cannot be decoded ({exc.__class__.__name__}: "
-                        f"{reason}): the image is truncated or corrupt; set clean.image_check: full "
-                        f"and re-run `dvc repro clean` (it drops such images), or remove the file "
-                        f"from the data source")
+def undecodable(member: str, zip_path: Path, exc: ImageProblem) -> ChexopsError:
+    return ChexopsError(f"{member} in {zip_path} cannot be decoded ({exc.problem}): set "
+                        f"clean.image_check: full and re-run `dvc repro clean` (it drops such "
+                        f"images), or fix or remove the file in the data source")
 
 
 class ZipImages:
@@ -81,12 +62,13 @@ class ZipImages:
         self.root = find_root(self.names) or CHEXPERT_ROOTS[0]
 
     def read(self, member: str, size: int | None = None) -> np.ndarray:
-        """Decoded pixels of `member`; KeyError when absent, ChexopsError when undecodable."""
+        """Pixels of `member` from the one decoder (chexops.data.decode.decode_image): (H, W)
+        uint8, or (size, size) squished; KeyError when absent, ChexopsError when undecodable."""
         check_member_path(member)
         with self.zf.open(member) as fh:
             try:
-                return decode(fh, size)
-            except DECODE_ERRORS as exc:
+                return decode_image(fh, size)
+            except ImageProblem as exc:
                 raise undecodable(member, self.path, exc) from None
 
     def close(self) -> None:
@@ -99,12 +81,14 @@ class ZipImages:
         self.close()
 
 
-def check_images(zip_path: str | Path, paths: list[str]) -> list[tuple[str, str]]:
-    """(path, reason) for every image that is missing or whose header is unreadable.
+def check_images(zip_path: str | Path, paths: list[str]) -> tuple[list[tuple[str, str]], int]:
+    """((path, reason) for every image that is missing, unreadable or refused by the decoder's
+    policy (chexops.data.decode.header_problem), number of images stored in colour).
 
     A header check (PIL's open reads the markers up to the frame size), not a full decode,
     so 224k images take seconds."""
     bad: list[tuple[str, str]] = []
+    colour = 0
     with ZipImages(zip_path) as zi:
         for p in paths:
             if p not in zi.names:
@@ -112,8 +96,13 @@ def check_images(zip_path: str | Path, paths: list[str]) -> list[tuple[str, str]
                 continue
             try:
                 with zi.zf.open(p) as fh, Image.open(fh) as img:
-                    if img.size[0] < 1 or img.size[1] < 1:
+                    problem = header_problem(img)
+                    if problem is not None:
+                        bad.append((p, problem.problem))
+                    elif img.size[0] < 1 or img.size[1] < 1:
                         bad.append((p, "empty image"))
+                    else:
+                        colour += is_colour(img)
             except Exception as exc:  # any decoder complaint means unusable
                 bad.append((p, f"unreadable ({exc.__class__.__name__})"))
-    return bad
+    return bad, colour

@@ -25,4 +25,5 @@ def main(params: Params, root: Path) -> None:
                         "default_uncertainty": params.clean.default_uncertainty})
         run.log_metrics({"train_rows": metrics["rows_after"]["train"],
                          "valid_rows": metrics["rows_after"]["valid"],
-                         "bad_images": metrics["bad_images"]})
+                         "bad_images": metrics["bad_images"],
+                         "colour_images": metrics["colour_images"]})

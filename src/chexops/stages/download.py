@@ -24,7 +24,9 @@ def main(params: Params, root: Path) -> None:
                 raise ChexopsError(f"disk full while writing {paths.RAW_DIR}; free space "
                                    f"(the CheXpert zip needs ~11 GB) and re-run") from None
             raise
+        litter = (f", {facts['skipped_entries']} archive litter entries skipped (__MACOSX/, "
+                  f".DS_Store, Thumbs.db, ._ files)" if facts["skipped_entries"] else "")
         print(f"download ({facts['source']}): {facts['train_rows']} train + "
-              f"{facts['valid_rows']} valid rows, {facts['images']} images")
+              f"{facts['valid_rows']} valid rows, {facts['images']} images{litter}")
         run.log_params({"source": facts["source"]})
         run.log_metrics({k: v for k, v in facts.items() if k != "source"})

@@ -72,13 +72,25 @@ class EpochState:
     micro: int = 16
 
 
-def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int) -> list[float]:
-    values = torch.stack([v for _, v in pending]).float().cpu().tolist()
-    for (batch, _), v in zip(pending, values):
-        if not np.isfinite(v):
-            raise ChexopsError(f"non-finite training loss ({v}) at epoch {epoch}, batch {batch}; "
-                               f"lower the round's lr or check the data (the best weights so far "
-                               f"are kept)")
+def _flat(images: torch.Tensor) -> torch.Tensor:
+    """True (a 0-d tensor, no device sync) when every image of the batch is one grey level:
+    pixels that decoded to nothing, which no learning rate fixes. Read on every 8th pixel, so
+    it costs nothing next to the step; it only chooses the advice of the non-finite error."""
+    x = images[:, ::8, ::8].flatten(1)
+    return (x.amax(dim=1) == x.amin(dim=1)).all()
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
+    values = torch.stack([v for _, v, _ in pending]).float().cpu().tolist()
+    for (batch, _, flat), v in zip(pending, values):
+        if np.isfinite(v):
+            continue
+        advice = ("every image of the batch is one flat grey level: the images decode to nothing, "
+                  "which no learning rate fixes; check the data (`chexops predict` one of them, "
+                  "or clean.image_check: full)" if bool(flat)
+                  else "lower the round's lr or check the data")
+        raise ChexopsError(f"non-finite training loss ({v}) at epoch {epoch}, batch {batch}; "
+                           f"{advice} (the best weights so far are kept)")
     return values
 
 
@@ -88,16 +100,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     """Train over one epoch (at most max_batches when > 0); returns the mean training loss."""
     model.train()
     losses: list[float] = []
-    pending: list[tuple[int, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for batch_idx, batch in enumerate(loader):
         if max_batches and batch_idx >= max_batches:
             break
+        flat = _flat(batch[0])                   # the decoded images, before augmentation
         schedule.apply(state.step)
         if s.augment is not None:  # seeded by the global step, so a resumed round matches
             batch = (s.augment(batch[0], state.step), *batch[1:])
         loss, state.micro = train_step(model, batch, optimizer, state.micro, s)
         state.step += 1
-        pending.append((batch_idx, loss))
+        pending.append((batch_idx, loss, flat))
         if len(pending) >= s.sync_every:
             losses += _check_finite(pending, epoch)
             pending = []
