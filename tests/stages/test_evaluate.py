@@ -187,3 +187,27 @@ def test_stage_without_final_weights_names_the_fix(stage_repo):
     with pytest.raises(ChexopsError, match="round-5/best.safetensors not found; run"):
         stage.main(load_params(REPO / "params.yaml"), root)
     assert not (root / "metrics").exists() and not (root / "runs").exists()
+
+
+def test_stage_shows_blank_demographics_as_an_unknown_subgroup(stage_repo):
+    """Rows whose Age or Sex the CSV leaves blank pass clean and form an `unknown` subgroup."""
+    from chexops.data import clean
+    from chexops.stages import evaluate as stage
+    from tests.helpers import chexpert_rows, write_chexpert_zip
+
+    root, _ = stage_repo
+    train, valid = chexpert_rows(valid_patients=len(Y) // 2)   # 2 views each: one row per P
+    valid = valid.astype({"Age": object})
+    valid.loc[[0, 3], "Age"] = ""
+    valid.loc[5, "Sex"] = ""
+    params = load_params(REPO / "params.yaml")
+    table, _, _ = clean.clean_table(write_chexpert_zip(root / "chexpert.zip", train, valid), params)
+    table[table["valid"]].to_parquet(root / "data/resampled/valid.parquet", index=False)
+    stage.main(params, root)
+    subgroups = json.loads((root / "metrics/evaluate.json").read_text())["Cardiomegaly"]["subgroups"]
+    unknown = {s["kind"]: s["n"] for s in subgroups if s["group"] == "unknown"}
+    assert unknown == {"age": 2, "sex": 1}
+    assert sum(s["n"] for s in subgroups if s["kind"] == "age") == len(Y)
+    plotted = pd.read_csv(root / "plots/evaluate/subgroups.csv")
+    assert set(plotted.loc[plotted.group == "unknown", "kind"]) == {"age", "sex"}
+    assert "<td>unknown</td>" in (root / "reports/evaluate/report.html").read_text()
