@@ -54,6 +54,12 @@ def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
 
 # ---------------------------------------------------------------- outputs
 
+def write_metrics(root: Path, metrics: dict[str, Any]) -> None:
+    """metrics/evaluate.json with each record's AUROC and 95 % CI first (DVC shows keys in file
+    order, so `dvc exp show` opens with them)."""
+    atomic.write_json(root / METRICS_FILE, evaluate.headline_first(metrics), sort_keys=False)
+
+
 def write_plots(root: Path, curves: dict) -> None:
     for name, kind in (("roc.csv", "roc"), ("precision_recall.csv", "pr"),
                        ("confusion.csv", "confusion")):
@@ -104,7 +110,7 @@ def main(params: Params, root: Path) -> None:
                                                     params.evaluate.threshold, truth)
         extra = evaluate_report.extend_metrics(params, valid, probs, metrics)
         add_tta(params, root, weights, valid, metrics)  # TTA beside the plain result
-        atomic.write_json(root / METRICS_FILE, metrics)
+        write_metrics(root, metrics)
         write_plots(root, curves)
         figures = write_report(root, metrics, curves, params.targets)
         figures.update(evaluate_report.write_outputs(  # predictions, report.html, Grad-CAM
