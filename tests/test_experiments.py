@@ -79,6 +79,44 @@ def commit_repro(root: Path, env: dict[str, str]) -> None:
     run(["git", "commit", "-q", "-m", "baseline"], root, env)
 
 
+def experiment(shown: list, name: str) -> dict:
+    """The `dvc exp show --json` record of the experiment called `name`."""
+    for baseline in shown:
+        for branch in baseline.get("experiments") or []:
+            for rev in branch["revs"]:
+                if rev.get("name") == name:
+                    return rev
+    raise AssertionError(f"no experiment {name!r} in dvc exp show --json")
+
+
+@pytest.mark.slow
+def test_a_key_with_a_space_is_set_as_a_mapping_on_its_parent(tmp_path):
+    """The documented `-S '++clean.uncertainty={Pleural Effusion: ones}'` runs with DVC and lands
+    as a nested mapping that chexops reads; the dotted path with a space is refused."""
+    from tests.pipeline_repo import run
+    from tests.processes import run_group
+
+    override = "++clean.uncertainty={Pleural Effusion: ones}"
+    assert [override] in documented_runs()
+    touch = {"cmd": "python -c \"open('out.txt', 'w').write('x')\"",
+             "params": ["clean.uncertainty"], "outs": ["out.txt"]}
+    env = dvc_repo(tmp_path, {"touch": touch})
+    commit_repro(tmp_path, env)
+    refused = run_group(["dvc", "exp", "run", "-S", "clean.uncertainty.Pleural Effusion=ones"],
+                        cwd=tmp_path, env=env, timeout=300)
+    assert refused.returncode != 0 and "LexerNoViableAltException" in refused.stderr
+    run(["dvc", "exp", "run", "-n", "effusion-ones", "-S", override], tmp_path, env)
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["clean"]["uncertainty"] == \
+        {"Pleural Effusion": "ones"}
+    params = load_params(tmp_path / "params.yaml")
+    assert params.clean.uncertainty == {"Pleural Effusion": "ones"}
+    assert params.uncertainty_policy("Pleural Effusion") == "ones"
+    assert params.uncertainty_policy("Edema") == params.clean.default_uncertainty
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], tmp_path, env).stdout)
+    recorded = experiment(shown, "effusion-ones")["data"]["params"]["params.yaml"]["data"]
+    assert recorded["clean"]["uncertainty"] == {"Pleural Effusion": "ones"}
+
+
 # ---------------------------------------------------------------- what `dvc exp show` shows first
 
 POLICIES = ("zeros", "ones", "ignore")
