@@ -1,5 +1,7 @@
 """docs/EXPERIMENTS.md: every documented `dvc exp run -S ...` parses with DVC's own override
-parser (Hydra grammar) and gives a params.yaml that chexops accepts."""
+parser (Hydra grammar) and gives a params.yaml that chexops accepts; a key with a space goes
+through a real `dvc exp run`; and in a real DVC repo that declares metrics as dvc.yaml does,
+`dvc exp show` and the documented compare commands open with the final AUROC and its CI."""
 from __future__ import annotations
 
 import json

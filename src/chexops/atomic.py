@@ -46,10 +46,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:
-    """`obj` as indented JSON; keys sorted unless the caller's order is the point."""
+def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -18,11 +18,16 @@ import numpy as np
 import pandas as pd
 
 from chexops.config import OBSERVATIONS, Params
-from chexops.data.schema import CSV_COLUMNS, DEMOGRAPHICS, LABEL_VALUES, SEX_VALUES, UNKNOWN_SEX
+from chexops.data.schema import CSV_COLUMNS, LABEL_VALUES
 from chexops.data.zipimages import ZipImages, check_images, check_member_path, find_root
 from chexops.errors import ChexopsError
 
 STAGE = "clean"
+# Demographics feed only the filters here and evaluate's subgroups, so a blank one is kept as
+# unknown: Sex reads as CheXpert's own "Unknown", Age as missing (NaN).
+DEMOGRAPHICS = ("Sex", "Age")
+SEX_VALUES = ("Male", "Female", "Unknown")     # CheXpert's; matched without regard to case
+UNKNOWN_SEX = "Unknown"
 _PATIENT = re.compile(r"/(patient\d+)/")
 
 
@@ -66,7 +71,7 @@ def parse_demographics(df: pd.DataFrame, name: str) -> pd.DataFrame:
         row = df.loc[bad, ["Path", "Sex"]].iloc[0]
         raise ChexopsError(f"{name}: Sex {row['Sex']!r} for {row['Path']} is not "
                            f"{', '.join(SEX_VALUES)} or blank; fix the Sex column")
-    return df.assign(Age=age, Sex=canonical.fillna(UNKNOWN_SEX))
+    return df.assign(Age=age, Sex=canonical.fillna(UNKNOWN_SEX).astype(df["Sex"].dtype))
 
 
 def parse_labels(col: pd.Series, column: str, name: str) -> pd.Series:

@@ -7,8 +7,3 @@ CHEXPERT_ROOTS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 CSV_COLUMNS = (*META_COLUMNS, *OBSERVATIONS)   # the 19 real columns, in order
 LABEL_VALUES = (1.0, 0.0, -1.0)                # plus blank (not mentioned)
-# Demographics feed only the clean filters and the evaluate subgroups, so a blank one is kept
-# as unknown: Sex reads as CheXpert's own "Unknown", Age as missing (NaN).
-DEMOGRAPHICS = ("Sex", "Age")
-SEX_VALUES = ("Male", "Female", "Unknown")     # CheXpert's; matched without regard to case
-UNKNOWN_SEX = "Unknown"

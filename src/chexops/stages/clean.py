@@ -6,8 +6,7 @@ from pathlib import Path
 
 from chexops import atomic, paths
 from chexops.config import Params
-from chexops.data.clean import STAGE, clean_table, print_counts
-from chexops.data.schema import DEMOGRAPHICS
+from chexops.data.clean import DEMOGRAPHICS, STAGE, clean_table, print_counts
 from chexops.tracking import runs as tracking
 
 

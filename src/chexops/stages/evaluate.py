@@ -2,6 +2,7 @@
 the evaluate MLflow run, and then the trial run that ties the whole `dvc repro` together."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,8 @@ def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
 def write_metrics(root: Path, metrics: dict[str, Any]) -> None:
     """metrics/evaluate.json with each record's AUROC and 95 % CI first (DVC shows keys in file
     order, so `dvc exp show` opens with them)."""
-    atomic.write_json(root / METRICS_FILE, evaluate.headline_first(metrics), sort_keys=False)
+    text = json.dumps(evaluate.headline_first(metrics), indent=2, default=str) + "\n"
+    atomic.write_text(root / METRICS_FILE, text)
 
 
 def write_plots(root: Path, curves: dict) -> None:
