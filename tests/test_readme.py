@@ -18,7 +18,7 @@ COVERED = {
     "source .venv/bin/activate": "tests.pipeline.test_e2e:repo",  # pipeline_env puts .venv/bin first
     "dvc repro": "tests.pipeline.test_e2e:test_noop_repro_has_nothing_to_do",
     "dvc exp run -S lr=": "tests.pipeline.test_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
-    "dvc exp show": "tests.pipeline.test_e2e:test_exp_run_set_param_lr_changes_round_one_and_lands_as_a_new_trial",
+    "dvc exp show": "tests.test_experiments:test_documented_compare_commands_put_the_result_beside_the_varied_params",
     "dvc plots show": "tests.pipeline.test_e2e:test_plots_show_renders",
     "cp profiles/chexpert-seed.yaml params.yaml": "tests.test_config:test_seed_profile_is_the_seed_studys_recipe",
     "export CHEXPERT_URL=": "tests.data.test_download:test_url_download_verifies_checksum_and_redacts_the_token",

@@ -75,6 +75,61 @@ def test_sex_and_age_filters():
     assert set(out["Sex"]) == {"Female"} and out["Age"].between(43, 47).all() and len(out) > 0
 
 
+def with_blank_demographics(train: pd.DataFrame, valid: pd.DataFrame):
+    """Blank Age on train rows 0, 1 (frontal, lateral) and valid row 0; blank Sex on train row 2
+    and valid row 1; a padded blank and CheXpert's own "Unknown" too."""
+    train, valid = train.astype({"Age": object}), valid.astype({"Age": object})
+    train.loc[[0, 1], "Age"] = ["", "  "]
+    valid.loc[0, "Age"] = ""
+    train.loc[2, "Sex"] = ""
+    valid.loc[1, "Sex"] = "Unknown"
+    return train, valid
+
+
+def test_blank_age_and_sex_are_kept_as_unknown_and_counted(tmp_path, stage_runs, capsys):
+    train, valid = with_blank_demographics(*chexpert_rows())
+    root = repo_with(tmp_path, train=train, valid=valid)
+    clean_stage.main(make_params(), root)
+    df = pd.read_parquet(root / "data/clean/labels.parquet")
+    assert len(df) == len(train) + len(valid)           # nothing dropped
+    by_path = df.set_index("Path")
+    assert by_path.loc[train.Path[:2], "Age"].isna().all() and by_path.loc[valid.Path[0], "Age"] is pd.NA
+    assert by_path.loc[train.Path[3], "Age"] == train.Age[3]   # whole years stay integers
+    assert by_path.loc[train.Path[2], "Sex"] == "Unknown" and by_path.loc[valid.Path[1], "Sex"] == "Unknown"
+    metrics = json.loads((root / "metrics/clean.json").read_text())
+    expected = {"train": {"Age": 2, "Sex": 1}, "valid": {"Age": 1, "Sex": 1}}
+    assert metrics["unknown_before"] == expected and metrics["unknown_after"] == expected
+    assert metrics["unknown_filtered"] == {"Age": 0, "Sex": 0}
+    assert "kept 2 rows with unknown Sex, 3 rows with unknown Age" in capsys.readouterr().out
+
+
+def test_age_filter_drops_unknown_ages_and_says_how_many(tmp_path, stage_runs, capsys):
+    train, valid = with_blank_demographics(*chexpert_rows())
+    root = repo_with(tmp_path, train=train, valid=valid)
+    clean_stage.main(make_params({"clean": {"age_min": 0}}), root)
+    df = pd.read_parquet(root / "data/clean/labels.parquet")
+    assert df["Age"].notna().all() and len(df) == len(train) + len(valid) - 3
+    metrics = json.loads((root / "metrics/clean.json").read_text())
+    assert metrics["unknown_filtered"] == {"Age": 3, "Sex": 0}
+    assert metrics["unknown_after"] == {"train": {"Age": 0, "Sex": 1}, "valid": {"Age": 0, "Sex": 1}}
+    assert "clean.age_min / clean.age_max dropped 3 rows whose Age is unknown" in capsys.readouterr().out
+
+
+def test_unknown_counts_name_only_what_the_filter_itself_dropped():
+    train, valid = with_blank_demographics(*chexpert_rows())
+    df = clean.combine(clean.parse_csv(csv_text(train).encode(), "train.csv"),
+                       clean.parse_csv(csv_text(valid).encode(), "valid.csv"), "CheXpert-v1.0-small")
+    # train row 1 (blank Age) is a lateral: the view filter drops it anyway
+    frontal_age = make_params({"clean": {"views": "frontal", "age_max": 200}})
+    assert clean.unknown_filtered(df, frontal_age) == {"Age": 2, "Sex": 0}
+    out = clean.filter_rows(df, frontal_age)
+    assert out["Age"].notna().all() and set(out["Frontal/Lateral"]) == {"Frontal"}
+    female = make_params({"clean": {"sex": "female"}})
+    assert clean.unknown_filtered(df, female) == {"Age": 0, "Sex": 2}
+    assert set(clean.filter_rows(df, female)["Sex"]) == {"Female"}
+    assert clean.unknown_filtered(df, make_params()) == {"Age": 0, "Sex": 0}
+
+
 def test_bad_images_below_limit_are_dropped_and_listed(tmp_path, stage_runs):
     train, valid = chexpert_rows(train_patients=60)
     missing = train["Path"].iloc[3]
@@ -107,6 +162,9 @@ def bad_csv_cases():
     no_col = csv_text(train.drop(columns=["Cardiomegaly"]))
     bad_label = csv_text(train).replace(",1.0,", ",2.0,", 1)
     bad_age = csv_text(train.assign(Age=["forty"] + list(train["Age"][1:])))
+    abc_age = csv_text(train.assign(Age=list(train["Age"][:4]) + ["abc"] + list(train["Age"][5:])))
+    nan_age = csv_text(train.assign(Age=["nan"] + list(train["Age"][1:])))
+    bad_sex = csv_text(train.assign(Sex=["F"] + list(train["Sex"][1:])))
     dup = csv_text(pd.concat([train, train.iloc[:1]]))
     escape = csv_text(train.assign(Path=["CheXpert-v1.0-small/../../etc/x.jpg"] + list(train["Path"][1:])))
     absolute = csv_text(train.assign(Path=["/etc/passwd"] + list(train["Path"][1:])))
@@ -114,6 +172,9 @@ def bad_csv_cases():
     return [(no_col, "missing required column 'Cardiomegaly'"),
             (bad_label, "label '2.0' in column .* is not one of 1, 0, -1 or blank"),
             (bad_age, "non-numeric Age 'forty'"),
+            (abc_age, r"train.csv: non-numeric Age 'abc' for \S+patient00003\S+; fix the Age column"),
+            (nan_age, "non-numeric Age 'nan'"),
+            (bad_sex, "Sex 'F' for .* is not Male, Female, Unknown or blank; fix the Sex column"),
             ("", "train.csv is empty"),
             (header_only, "header but no rows"),
             (dup, "duplicate path"),

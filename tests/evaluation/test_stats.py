@@ -153,6 +153,23 @@ def test_subgroups_by_sex_age_view_and_ap_pa():
     assert one_class.auroc.isna().all()
 
 
+def test_blank_sex_and_missing_age_form_an_unknown_subgroup():
+    y, p = scores(n=200)
+    rng = np.random.default_rng(3)
+    age = pd.array(rng.integers(18, 95, 200), dtype="Int64")   # the clean table's dtype with blanks
+    age[:30] = pd.NA
+    sex = rng.choice(["Male", "Female"], 200).astype(object)
+    sex[:10], sex[10:15], sex[15:20] = "Unknown", "", None
+    df = pd.DataFrame({"Sex": sex, "Age": age})
+    table = stats.subgroup_auroc(df, y, p)
+    unknown_age = table[(table.kind == "age") & (table.group == "unknown")].iloc[0]
+    assert unknown_age.n == 30 and unknown_age.auroc == pytest.approx(roc_auc_score(y[:30], p[:30]))
+    ages = table[table.kind == "age"]
+    assert ages.n.sum() == 200 and list(ages.group)[-1] == "unknown"   # listed after the bins
+    unknown_sex = table[(table.kind == "sex") & (table.group == "unknown")].iloc[0]
+    assert unknown_sex.n == 20 and set(table[table.kind == "sex"].group) == {"Female", "Male", "unknown"}
+
+
 def test_study_aggregation_takes_the_max_over_views():
     paths = ["CheXpert-v1.0-small/valid/patient00001/study1/view1_frontal.jpg",
              "CheXpert-v1.0-small/valid/patient00001/study1/view2_lateral.jpg",

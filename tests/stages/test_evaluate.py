@@ -101,6 +101,20 @@ def test_mean_metrics_averages_tta_records_and_keeps_none_when_nowhere_defined()
     assert "recall" not in mean  # only what the targets report
 
 
+def test_headline_first_puts_mean_then_auroc_and_its_interval_before_the_rest():
+    metrics = {"Edema": {"precision": 0.5, "auroc_hi": 0.9, "ci": {"recall": {}, "auroc": {}},
+                         "auroc": 0.8, "accuracy": 0.7, "auroc_lo": 0.6, "subgroups": [{"n": 1}]},
+               "Atelectasis": {"brier": 0.1, "auroc": None},
+               "mean": {"recall": 0.4, "auroc": 0.8, "tta": {"recall": 0.3, "auroc": 0.7}}}
+    out = evaluate.headline_first(metrics)
+    assert out == metrics
+    assert list(out) == ["mean", "Edema", "Atelectasis"]       # targets keep params' order
+    assert list(out["Edema"]) == ["auroc", "auroc_lo", "auroc_hi", "accuracy", "ci", "precision",
+                                  "subgroups"]
+    assert list(out["Edema"]["ci"]) == ["auroc", "recall"]
+    assert list(out["mean"]) == ["auroc", "recall", "tta"] and list(out["mean"]["tta"]) == ["auroc", "recall"]
+
+
 # ---------------------------------------------------------------- the stage
 
 @pytest.fixture()
@@ -143,6 +157,9 @@ def test_stage_writes_metrics_plots_report_and_closes_the_trial(stage_repo):
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["Cardiomegaly"]["auroc"] == pytest.approx(roc_auc_score(Y, P))
     assert metrics["Cardiomegaly"]["ceiling_auroc"] == 1.0
+    head = list(metrics["Cardiomegaly"].items())[:3]   # the file's order is what DVC shows
+    assert [k for k, _ in head] == ["auroc", "auroc_lo", "auroc_hi"]
+    assert head[1][1] == metrics["Cardiomegaly"]["ci"]["auroc"]["lo"] <= head[0][1] <= head[2][1]
     assert list(pd.read_csv(root / "plots/evaluate/roc.csv").columns) == ["fpr", "tpr"]
     assert len(pd.read_csv(root / "plots/evaluate/confusion.csv")) == len(Y)
     assert pd.read_csv(root / "plots/evaluate/precision_recall.csv").shape[1] == 2
@@ -187,3 +204,27 @@ def test_stage_without_final_weights_names_the_fix(stage_repo):
     with pytest.raises(ChexopsError, match="round-5/best.safetensors not found; run"):
         stage.main(load_params(REPO / "params.yaml"), root)
     assert not (root / "metrics").exists() and not (root / "runs").exists()
+
+
+def test_stage_shows_blank_demographics_as_an_unknown_subgroup(stage_repo):
+    """Rows whose Age or Sex the CSV leaves blank pass clean and form an `unknown` subgroup."""
+    from chexops.data import clean
+    from chexops.stages import evaluate as stage
+    from tests.helpers import chexpert_rows, write_chexpert_zip
+
+    root, _ = stage_repo
+    train, valid = chexpert_rows(valid_patients=len(Y) // 2)   # 2 views each: one row per P
+    valid = valid.astype({"Age": object})
+    valid.loc[[0, 3], "Age"] = ""
+    valid.loc[5, "Sex"] = ""
+    params = load_params(REPO / "params.yaml")
+    table, _, _ = clean.clean_table(write_chexpert_zip(root / "chexpert.zip", train, valid), params)
+    table[table["valid"]].to_parquet(root / "data/resampled/valid.parquet", index=False)
+    stage.main(params, root)
+    subgroups = json.loads((root / "metrics/evaluate.json").read_text())["Cardiomegaly"]["subgroups"]
+    unknown = {s["kind"]: s["n"] for s in subgroups if s["group"] == "unknown"}
+    assert unknown == {"age": 2, "sex": 1}
+    assert sum(s["n"] for s in subgroups if s["kind"] == "age") == len(Y)
+    plotted = pd.read_csv(root / "plots/evaluate/subgroups.csv")
+    assert set(plotted.loc[plotted.group == "unknown", "kind"]) == {"age", "sex"}
+    assert "<td>unknown</td>" in (root / "reports/evaluate/report.html").read_text()

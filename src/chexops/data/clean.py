@@ -4,7 +4,8 @@ Adds `valid` and `patient`, fills blanks with 0, applies each observation's unce
 policy to the training split, filters views / sex / age, checks every image path and
 header against the decoder's policy (chexops.data.decode: transparency is dropped, colour is
 counted) or, with clean.image_check: full, decodes every image, and records label counts
-before and after.
+before and after. A blank Sex or Age is kept as unknown and counted; an active sex or age
+filter drops such rows (their value cannot be known to pass) and the metrics say how many.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from chexops.data.zipimages import ZipImages, check_images, check_member_path, f
 from chexops.errors import ChexopsError
 
 STAGE = "clean"
+# Demographics feed only the filters here and evaluate's subgroups, so a blank one is kept as
+# unknown: Sex reads as CheXpert's own "Unknown", Age as missing (NaN).
+DEMOGRAPHICS = ("Sex", "Age")
+SEX_VALUES = ("Male", "Female", "Unknown")     # CheXpert's; matched without regard to case
+UNKNOWN_SEX = "Unknown"
 _PATIENT = re.compile(r"/(patient\d+)/")
 
 
@@ -42,17 +48,32 @@ def parse_csv(data: bytes, name: str) -> pd.DataFrame:
         raise ChexopsError(f"{name} has a header but no rows; restore the CheXpert CSV")
     for col in OBSERVATIONS:
         df[col] = parse_labels(df[col], col, name)
-    age = pd.to_numeric(df["Age"].str.strip(), errors="coerce")
-    if age.isna().any():
-        bad = df.loc[age.isna(), ["Path", "Age"]].iloc[0]
-        raise ChexopsError(f"{name}: non-numeric Age {bad['Age']!r} for {bad['Path']}; "
-                           f"fix the Age column (whole years)")
-    df["Age"] = age
+    df = parse_demographics(df, name)
     dup = df["Path"].duplicated()
     if dup.any():
         raise ChexopsError(f"{name}: duplicate path {df.loc[dup, 'Path'].iloc[0]}; "
                            f"each image must appear once, remove the repeated row")
     return df
+
+
+def parse_demographics(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Age as a number (NaN when blank) and Sex as Male / Female / Unknown (blank -> Unknown);
+    a value that is neither blank nor valid is a one-line error naming its row."""
+    text = df["Age"].str.strip()
+    age = pd.to_numeric(text.where(text != ""), errors="coerce")
+    bad = (text != "") & ~np.isfinite(age)
+    if bad.any():
+        row = df.loc[bad, ["Path", "Age"]].iloc[0]
+        raise ChexopsError(f"{name}: non-numeric Age {row['Age']!r} for {row['Path']}; "
+                           f"fix the Age column (whole years, or blank when unknown)")
+    sex = df["Sex"].str.strip()
+    canonical = sex.str.lower().map({v.lower(): v for v in SEX_VALUES})
+    bad = (sex != "") & canonical.isna()
+    if bad.any():
+        row = df.loc[bad, ["Path", "Sex"]].iloc[0]
+        raise ChexopsError(f"{name}: Sex {row['Sex']!r} for {row['Path']} is not "
+                           f"{', '.join(SEX_VALUES)} or blank; fix the Sex column")
+    return df.assign(Age=age, Sex=canonical.fillna(UNKNOWN_SEX).astype(df["Sex"].dtype))
 
 
 def parse_labels(col: pd.Series, column: str, name: str) -> pd.Series:
@@ -105,22 +126,58 @@ def combine(train: pd.DataFrame, valid: pd.DataFrame, root: str) -> pd.DataFrame
     return df
 
 
+def filter_masks(df: pd.DataFrame, params: Params) -> dict[str, pd.Series]:
+    """{"views" | "Sex" | "Age": the rows that filter keeps} (all True when it is off). An
+    unknown Sex or Age fails an active sex or age filter: it cannot be known to pass."""
+    c = params.clean
+    views = pd.Series(True, index=df.index)
+    if c.views != "all":
+        views &= df["Frontal/Lateral"].str.lower() == "frontal"
+    if c.views in ("ap", "pa"):
+        views &= df["AP/PA"].str.upper() == c.views.upper()
+    sex = df["Sex"].str.lower() == c.sex if c.sex != "all" else pd.Series(True, index=df.index)
+    age = pd.Series(True, index=df.index)
+    if c.age_min is not None:
+        age &= df["Age"] >= c.age_min       # NaN (unknown) compares False
+    if c.age_max is not None:
+        age &= df["Age"] <= c.age_max
+    return {"views": views, "Sex": sex, "Age": age}
+
+
 def filter_rows(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     """View, sex and age filters (both splits, so validation matches the training population)."""
-    c = params.clean
-    keep = pd.Series(True, index=df.index)
-    frontal = df["Frontal/Lateral"].str.lower() == "frontal"
-    if c.views != "all":
-        keep &= frontal
-    if c.views in ("ap", "pa"):
-        keep &= df["AP/PA"].str.upper() == c.views.upper()
-    if c.sex != "all":
-        keep &= df["Sex"].str.lower() == c.sex
-    if c.age_min is not None:
-        keep &= df["Age"] >= c.age_min
-    if c.age_max is not None:
-        keep &= df["Age"] <= c.age_max
+    keep = np.logical_and.reduce(list(filter_masks(df, params).values()))
     return df[keep].reset_index(drop=True)
+
+
+def unknown_masks(df: pd.DataFrame) -> dict[str, pd.Series]:
+    """{demographic: rows where it is unknown}."""
+    return {"Sex": df["Sex"] == UNKNOWN_SEX, "Age": df["Age"].isna()}
+
+
+def unknown_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {demographic: rows where it is unknown}}."""
+    splits = (("train", ~df["valid"]), ("valid", df["valid"]))
+    return {split: {field: int((unknown & part).sum()) for field, unknown in unknown_masks(df).items()}
+            for split, part in splits}
+
+
+def unknown_filtered(df: pd.DataFrame, params: Params) -> dict[str, int]:
+    """{demographic: rows that pass every other filter and are dropped by its own filter only
+    because it is unknown}; 0 when that filter is off."""
+    masks, unknown = filter_masks(df, params), unknown_masks(df)
+    out = {}
+    for field in DEMOGRAPHICS:
+        others = np.logical_and.reduce([m for k, m in masks.items() if k != field])
+        out[field] = int((others & unknown[field] & ~masks[field]).sum())
+    return out
+
+
+def whole_years(age: pd.Series) -> pd.Series:
+    """int64 ages when every known one is whole (nullable Int64 when some are unknown), else as is."""
+    if not (age.dropna() % 1 == 0).all():
+        return age
+    return age.astype("Int64" if age.isna().any() else "int64")
 
 
 def apply_policies(df: pd.DataFrame, params: Params) -> pd.DataFrame:
@@ -193,24 +250,28 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     """(labels table, bad-image report, metrics) from the zip."""
     root, train, valid = read_split_csvs(zip_path)
     df = combine(train, valid, root)
-    before = label_counts(df, params.targets)
-    rows_before = {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
+    metrics: dict[str, Any] = {"rows_before": split_rows(df),
+                               "labels_before": label_counts(df, params.targets),
+                               "unknown_before": unknown_counts(df),
+                               "unknown_filtered": unknown_filtered(df, params)}
     df = filter_rows(df, params)
     df, bad, colour = drop_bad_images(df, zip_path, params.clean.max_bad_fraction,
                                       full=params.clean.image_check == "full")
-    for split, n in (("train", int((~df["valid"]).sum())), ("valid", int(df["valid"].sum()))):
+    for split, n in split_rows(df).items():
         if n == 0:
             raise ChexopsError(f"no {split} rows left after the clean filters; "
                                f"relax clean.views / clean.sex / clean.age_min / clean.age_max")
     df = apply_policies(df, params)
     df["AP/PA"] = df["AP/PA"].fillna("")
-    df["Age"] = df["Age"].astype(int) if (df["Age"] % 1 == 0).all() else df["Age"]
-    metrics = {"rows_before": rows_before,
-               "rows_after": {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())},
-               "bad_images": len(bad), "colour_images": colour, "labels_before": before,
-               "labels_after": label_counts(df, params.targets)}
+    df["Age"] = whole_years(df["Age"])
+    metrics.update(rows_after=split_rows(df), bad_images=len(bad), colour_images=colour,
+                   labels_after=label_counts(df, params.targets), unknown_after=unknown_counts(df))
     columns = [*CSV_COLUMNS, "valid", "patient"]
     return df[columns], bad, metrics
+
+
+def split_rows(df: pd.DataFrame) -> dict[str, int]:
+    return {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
 
 
 def print_counts(metrics: dict) -> None:
@@ -224,3 +285,11 @@ def print_counts(metrics: dict) -> None:
     if metrics["colour_images"]:
         print(f"clean: warning: {metrics['colour_images']} images are stored in colour; they are "
               f"read as their luminance (greyscale), as predict reads them")
+    kept = {f: sum(split[f] for split in metrics["unknown_after"].values()) for f in DEMOGRAPHICS}
+    if any(kept.values()):
+        print("clean: kept " + ", ".join(f"{n} rows with unknown {f}" for f, n in kept.items())
+              + " (the `unknown` subgroup in evaluate)")
+    for field, n in metrics["unknown_filtered"].items():
+        if n:
+            knob = "clean.sex" if field == "Sex" else "clean.age_min / clean.age_max"
+            print(f"clean: {knob} dropped {n} rows whose {field} is unknown (blank in the CSV)")

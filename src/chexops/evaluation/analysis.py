@@ -30,8 +30,10 @@ def _labels(valid: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
 
 def target_analysis(y: np.ndarray, p: np.ndarray, cfg: Any, seed: int) -> dict[str, Any]:
     """CIs, operating point and calibration of one target on one split."""
+    ci = stats.bootstrap_ci(y, p, cfg.threshold, cfg.bootstrap, seed)
     record: dict[str, Any] = {
-        "ci": stats.bootstrap_ci(y, p, cfg.threshold, cfg.bootstrap, seed),
+        "auroc_lo": ci["auroc"]["lo"], "auroc_hi": ci["auroc"]["hi"],   # the headline interval
+        "ci": ci,
         "auroc_delong": stats.delong_auroc(y, p),
         "operating_point": stats.operating_point(y, p, cfg.target_sensitivity),
         "ece": stats.expected_calibration_error(y, p) if len(y) else None,

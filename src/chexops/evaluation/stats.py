@@ -233,18 +233,22 @@ def brier_score(y_true: Any, y_prob: Any) -> float | None:
 # ---------------------------------------------------------------- subgroups and studies
 
 AGE_BINS = (0, 40, 60, 80, 200)
+UNKNOWN = "unknown"   # the group of rows whose Sex or Age is blank (or CheXpert's "Unknown")
 
 
 def subgroup_labels(df: pd.DataFrame, age_bins: tuple[int, ...] = AGE_BINS) -> dict[str, pd.Series]:
-    """{subgroup kind: label per row}; kinds whose column is missing are left out. AP/PA is
-    defined on frontal views only (laterals get no label there)."""
+    """{subgroup kind: label per row}; kinds whose column is missing are left out. A blank or
+    "Unknown" Sex and a missing Age form the group `unknown`. AP/PA is defined on frontal views
+    only (laterals get no label there)."""
     out: dict[str, pd.Series] = {}
     if "Sex" in df:
-        out["sex"] = df["Sex"].astype("string")
+        sex = df["Sex"].astype("string").str.strip()
+        out["sex"] = sex.mask(sex.isna() | sex.str.lower().isin(["", UNKNOWN]), UNKNOWN)
     if "Age" in df:
-        age = pd.to_numeric(df["Age"], errors="coerce")
+        age = pd.to_numeric(df["Age"], errors="coerce").astype(float)
         names = [f"{lo}-{hi - 1}" if hi < 200 else f"{lo}+" for lo, hi in zip(age_bins, age_bins[1:])]
-        out["age"] = pd.cut(age, list(age_bins), right=False, labels=names).astype("string")
+        binned = pd.cut(age, list(age_bins), right=False, labels=names).astype("string")
+        out["age"] = binned.mask(age.isna(), UNKNOWN)
     if "Frontal/Lateral" in df:
         out["view"] = df["Frontal/Lateral"].astype("string")
     if "AP/PA" in df:

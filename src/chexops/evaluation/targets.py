@@ -150,6 +150,22 @@ def mean_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+HEADLINE = ("auroc", "auroc_lo", "auroc_hi")   # AUROC and its bootstrap 95 % interval
+
+
+def headline_first(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics/evaluate.json's key order: the multi-target `mean` record, then each target's;
+    in every record (nested ones too) AUROC and its 95 % interval first, the rest by name. DVC
+    keeps this order for its columns, so `dvc exp show` opens with the trial's result."""
+    def ordered(record: Any) -> Any:
+        if not isinstance(record, dict):
+            return record
+        head = [k for k in HEADLINE if k in record]
+        return {k: ordered(record[k]) for k in [*head, *sorted(set(record) - set(head))]}
+
+    return {k: ordered(metrics[k]) for k in sorted(metrics, key=lambda k: k != "mean")}
+
+
 def stack_curves(curves: dict[str, dict[str, pd.DataFrame]], kind: str) -> pd.DataFrame:
     """One plot table over targets; a `target` column only when there are several."""
     frames = [c[kind].assign(target=t) if len(curves) > 1 else c[kind] for t, c in curves.items()]

@@ -1,12 +1,12 @@
-"""`chexops clean`: the label table from the zip's CSVs (views, U-Zeros/U-Ones, bad images) into
-data/clean and metrics/clean.json; the logic lives in chexops.data.clean."""
+"""`chexops clean`: the label table from the zip's CSVs (views, U-Zeros/U-Ones, unknown
+demographics, bad images) into data/clean and metrics/clean.json; the logic lives in chexops.data.clean."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from chexops import atomic, paths
 from chexops.config import Params
-from chexops.data.clean import STAGE, clean_table, print_counts
+from chexops.data.clean import DEMOGRAPHICS, STAGE, clean_table, print_counts
 from chexops.tracking import runs as tracking
 
 
@@ -26,4 +26,7 @@ def main(params: Params, root: Path) -> None:
         run.log_metrics({"train_rows": metrics["rows_after"]["train"],
                          "valid_rows": metrics["rows_after"]["valid"],
                          "bad_images": metrics["bad_images"],
-                         "colour_images": metrics["colour_images"]})
+                         "colour_images": metrics["colour_images"],
+                         **{f"unknown_{field.lower()}_rows": sum(split[field] for split in
+                                                                metrics["unknown_after"].values())
+                            for field in DEMOGRAPHICS}})

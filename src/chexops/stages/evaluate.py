@@ -2,6 +2,7 @@
 the evaluate MLflow run, and then the trial run that ties the whole `dvc repro` together."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,13 @@ def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
 
 # ---------------------------------------------------------------- outputs
 
+def write_metrics(root: Path, metrics: dict[str, Any]) -> None:
+    """metrics/evaluate.json with each record's AUROC and 95 % CI first (DVC shows keys in file
+    order, so `dvc exp show` opens with them)."""
+    text = json.dumps(evaluate.headline_first(metrics), indent=2, default=str) + "\n"
+    atomic.write_text(root / METRICS_FILE, text)
+
+
 def write_plots(root: Path, curves: dict) -> None:
     for name, kind in (("roc.csv", "roc"), ("precision_recall.csv", "pr"),
                        ("confusion.csv", "confusion")):
@@ -105,7 +113,7 @@ def main(params: Params, root: Path) -> None:
                                                     params.evaluate.threshold, truth)
         extra = evaluate_report.extend_metrics(params, valid, probs, metrics)
         add_tta(params, root, weights, valid, metrics)  # TTA beside the plain result
-        atomic.write_json(root / METRICS_FILE, metrics)
+        write_metrics(root, metrics)
         write_plots(root, curves)
         figures = write_report(root, metrics, curves, params.targets)
         figures.update(evaluate_report.write_outputs(  # predictions, report.html, Grad-CAM
