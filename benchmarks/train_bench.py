@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchkit import bare_step, device_name, machine, rotate, summarize
 
 from chexops.config import ModelConfig, RuntimeConfig, TrainConfig
 from chexops.data.batches import ArraySet, make_loader, to_input
@@ -30,27 +27,8 @@ from chexops.model.network import build_model
 from chexops.training.loop import EpochState, make_optimizer, train_one_epoch
 from chexops.training.schedule import OneCycle
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import git_commit, meminfo  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "densenet121"
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "ram_bytes": meminfo().get("MemTotal"), **git_commit()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def data(n: int, size: int) -> ArraySet:
@@ -59,33 +37,13 @@ def data(n: int, size: int) -> ArraySet:
                                 (np.arange(n) % 2).astype(np.float32))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bare_epoch(model, loader, optimizer, device, amp, channels_last) -> None:
     """What a user would write with timm and nothing else (same input conversion)."""
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for images, labels, _ in loader:
-        # the same step order as ours: gradients are freed before the forward, so neither loop
-        # carries the last step's gradients through its forward pass
-        optimizer.zero_grad(set_to_none=True)
-        x = to_input(images, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        loss = loss_fn(out.float(), labels.to(device, non_blocking=True))
-        loss.backward()
-        optimizer.step()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+        bare_step(model, to_input(images, device, channels_last),
+                  labels.to(device, non_blocking=True), optimizer, loss_fn, amp)
 
 
 def compare(size: int, batch: int, n_batches: int, device: torch.device, repeats: int) -> dict:
@@ -110,31 +68,12 @@ def compare(size: int, batch: int, n_batches: int, device: torch.device, repeats
     def ours():
         train_one_epoch(model, loader, optimizer, schedule, state, s, 1)
 
-    bare(), ours()  # warm-up (allocator, oneDNN/cuDNN kernel choice)
-    arms = [("bare", bare), ("ours", ours), ("control", bare)]
-    times: dict[str, list[float]] = {name: [] for name, _ in arms}
-    for i in range(repeats):
-        # rotate the order: whichever arm runs first pays for any drift (caches, a neighbour)
-        for name, fn in arms[i % 3:] + arms[:i % 3]:
-            times[name].append(timed(fn, device))
-    bare_s, ours_s = statistics.median(times["bare"]), statistics.median(times["ours"])
-    control_s = statistics.median(times["control"])
-    pair_ratios = [o / b for o, b in zip(times["ours"], times["bare"])]
-    control_ratios = [c / b for c, b in zip(times["control"], times["bare"])]
-    control_ok = min(control_ratios) <= 1.0 <= max(control_ratios)
-    n = batch * n_batches
+    times = rotate([("bare", bare), ("ours", ours), ("control", bare)], repeats, device)
     return {"arch": ARCH, "image_size": size, "batch": batch, "batches": n_batches,
             "device": str(device), "device_name": device_name(device),
             "precision": "bf16-autocast" if amp else "fp32",
             "channels_last": s.channels_last, "repeats": repeats,
-            "bare_images_per_s": n / bare_s, "ours_images_per_s": n / ours_s,
-            "overhead_ratio": ours_s / bare_s if control_ok else None,
-            "overhead_ratio_unchecked": ours_s / bare_s,
-            "pair_ratio_min_max": [min(pair_ratios), max(pair_ratios)],
-            "control_ratio": control_s / bare_s,
-            "control_ratio_min_max": [min(control_ratios), max(control_ratios)],
-            "control_reads_one": control_ok,
-            "bare_s": times["bare"], "ours_s": times["ours"], "control_s": times["control"]}
+            **summarize(times, batch * n_batches)}
 
 
 def main() -> None:
