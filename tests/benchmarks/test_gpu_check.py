@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_packaging import DISTRIBUTION, declared
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
