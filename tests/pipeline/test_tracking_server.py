@@ -24,7 +24,9 @@ def mlflow_server(tmp_path_factory):
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
            "--artifacts-destination", str(tmp / "server-artifacts")]
-    with server(cmd, f"{url}/health", tmp / "server.log", SERVER_DEADLINE_S, pipeline_env()):
+    # a team server runs as the docs say: without MLflow's job runners (chexops uses none)
+    env = {**pipeline_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with server(cmd, f"{url}/health", tmp / "server.log", SERVER_DEADLINE_S, env):
         yield {"url": url, "artifacts": tmp / "server-artifacts"}
 
 
