@@ -12,7 +12,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from chexops.config import load_params, to_dict
@@ -140,8 +139,8 @@ def write_stage_metrics(out: Path, policy: str, seed: int) -> None:
     from chexops.evaluation import targets
     from chexops.evaluation.metrics import binary_metrics
     from chexops.stages import evaluate, evaluate_report
-    from chexops.training.loop import HISTORY_KEYS
     from chexops.training.rounds import round_metrics
+    from chexops.training.selection import HISTORY_KEYS
     from tests.helpers import make_params, write_chexpert_zip
 
     params = make_params({"clean": {"default_uncertainty": policy}})

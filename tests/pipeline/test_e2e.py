@@ -79,7 +79,7 @@ def test_all_nine_stages_ran_and_are_locked(repo):
         assert evaluation.get(key) is not None, key
     # the data came from a local zip, as a user's own would: no hidden truth, so no ceiling (the
     # built-in synthetic source's ceiling is checked end to end in test_tracking_server.py)
-    assert evaluation["ceiling_auroc"] is None
+    assert evaluation.get("ceiling_auroc") is None
 
 
 def test_noop_repro_has_nothing_to_do(repo):
@@ -121,8 +121,7 @@ def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
         kid = kids[f"train-round-{k}"]
         assert ROUND_METRICS <= set(kid.data.metrics), kid.data.metrics
         history = c.get_metric_history(kid.info.run_id, "auroc")
-        # one epoch per round, step = epoch; epoch 0 scores the weights the round started from
-        assert [m.step for m in history] == [0, 1]
+        assert [m.step for m in history] == [1]  # one epoch per round, step = epoch
         for key in ("epochs", "lr", "freeze", "batch_size", "image_size", "seed"):
             assert any(p == key or p.endswith(f".{key}") for p in kid.data.params), (k, key)
         artifacts = _artifact_paths(c, kid.info.run_id)

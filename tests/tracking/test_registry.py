@@ -13,7 +13,8 @@ import torch
 from chexops import cli
 from chexops.commands import predict
 from chexops.errors import ChexopsError
-from chexops.tracking import registry, store
+from chexops.tracking import registry
+from chexops.tracking import store as tracking_store
 from tests.tiny_model import png_bytes, radiograph, tiny_params, tiny_weights
 
 torch.set_num_threads(1)
@@ -25,7 +26,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     params = tiny_params(tmp_path, model_name="chexops-test")
     weights = tiny_weights(tmp_path, params)
-    client, exp_id = store.open_store(params, tmp_path)
+    client, exp_id = tracking_store.open_store(params, tmp_path)
     run_id = client.create_run(exp_id, run_name="evaluate").info.run_id
     return params, weights, run_id
 

@@ -96,7 +96,7 @@ def test_dvc_errors_have_a_kind_and_never_echo_credentials():
                                     "secret_access_key=abc123 key AKIAABCDEFGHIJKLMNOP", "team")
     assert err.kind == "other"
     assert err.problem == ("dvc failed with the DVC remote team (ERROR: unexpected error - "
-                           "https://***@host/x?a=1 secret_access_key=*** key ***)")
+                           "https://***@host/x?*** secret_access_key=*** key ***)")
     assert redact_text("password: hunter2, token=t0k") == "password: ***, token=***"
 
 
