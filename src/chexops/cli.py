@@ -19,6 +19,7 @@ from chexops.errors import ChexopsError
 
 # stage name -> module whose main(params, root) runs it
 STAGES = {
+    "source-fingerprint": "chexops.stages.source_fingerprint",
     "download": "chexops.stages.download",
     "clean": "chexops.stages.clean",
     "resample": "chexops.stages.resample",
