@@ -207,3 +207,16 @@ def test_the_stage_rewrites_its_file_only_when_the_source_changed(tmp_path, fold
     before = out.read_text()
     stage.main(p, root)
     assert out.read_text() == before
+
+
+def test_a_relative_source_is_the_main_repos_also_from_a_dvc_temp_workspace(tmp_path,
+                                                                            tiny_chexpert_zip):
+    repo = tmp_path / "repo"
+    (repo / "sources").mkdir(parents=True)
+    shutil.copy(tiny_chexpert_zip, repo / "sources/CheXpert-v1.0-small.zip")
+    workspace = repo / ".dvc/tmp/exps/tmp1a2b3c"   # `dvc exp run --temp`: no source in its copy
+    workspace.mkdir(parents=True)
+    p = params_for("sources/CheXpert-v1.0-small.zip")
+    found = fp.fingerprint(p, workspace, {}, tmp_path / "memos")
+    assert found == fp.fingerprint(p, repo, {}, tmp_path / "memos")
+    assert found["md5"] == hashing.file_md5(tiny_chexpert_zip)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from chexops import atomic
+from chexops import atomic, paths
 from chexops.config import Params
 from chexops.data.download import find_local_root, is_loopback, source_kind, url_from_env
 from chexops.data.listing import RACY_NS, listing
@@ -146,7 +146,8 @@ def _look(params: Params, root: Path, memos: Path) -> dict[str, Any]:
             raise Unavailable(str(exc)) from None
         return {**url_fingerprint(url, params.data.timeout_s), "source": params.data.source}
     local = Path(params.data.source).expanduser()
-    local = local if local.is_absolute() else root / local
+    # relative to the user's repo, also from a DVC temp workspace (its copy holds no source)
+    local = local if local.is_absolute() else paths.main_repo_root(root) / local
     if not local.exists():
         raise Unavailable(f"data.source {params.data.source} does not exist here")
     found = (folder_fingerprint(local, memos / LISTING_MEMO) if local.is_dir()
