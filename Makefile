@@ -42,5 +42,6 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/train_bench.py
 	$(RUN) $(BIN)/python benchmarks/loader_bench.py
 	$(RUN) $(BIN)/python benchmarks/dvc_bench.py
+	$(RUN) $(BIN)/python benchmarks/fingerprint_bench.py
 	$(RUN) $(BIN)/python benchmarks/pipeline_bench.py
 	$(RUN) $(BIN)/python benchmarks/stats_bench.py

@@ -15,7 +15,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
-ENTRY = {"download": "chexops.stages.download", "clean": "chexops.stages.clean",
+ENTRY = {"source-fingerprint": "chexops.stages.source_fingerprint",
+         "download": "chexops.stages.download", "clean": "chexops.stages.clean",
          "resample": "chexops.stages.resample", "train-round": "chexops.stages.train_round",
          "evaluate": "chexops.stages.evaluate"}
 # report-only code: a training round must never depend on it (editing a figure retrains nothing)

@@ -1,5 +1,5 @@
 """A tiny trained-looking model for predict/registry/serve tests: resnet18 at 32 px, random
-weights saved the way a training round saves them (safetensors + arch/targets metadata)."""
+weights saved the way a training round saves them (safetensors + its recipe as metadata)."""
 from __future__ import annotations
 
 import io
@@ -24,16 +24,22 @@ def tiny_params(tmp_path: Path, **evaluate):
     return params_from_dict(raw)
 
 
-def tiny_weights(tmp_path: Path, params, seed: int = 0) -> Path:
+def tiny_weights(tmp_path: Path, params, seed: int = 0, name: str = "best.safetensors",
+                 legacy: bool = False) -> Path:
+    """Weights with the recipe a round records (chexops.model.recipe); `legacy`: only arch and
+    targets, as rounds wrote them before the image size, head and normalisation were recorded."""
     import torch
 
     from chexops.model.network import build_model
+    from chexops.model.recipe import params_recipe, recipe_metadata
     from chexops.model.weights import save_weights
 
     torch.manual_seed(seed)
     model = build_model(params.model, len(params.targets)).eval()
-    path = tmp_path / "best.safetensors"
-    save_weights(model, path, {"arch": params.model.arch, "targets": ",".join(params.targets)})
+    path = tmp_path / name
+    meta = ({"arch": params.model.arch, "targets": ",".join(params.targets)} if legacy
+            else recipe_metadata(params_recipe(params)))
+    save_weights(model, path, meta)
     return path
 
 
@@ -53,16 +59,19 @@ def tiny_multiclass_weights(tmp_path: Path, params, seed: int = 0,
                             name: str = "multiclass.safetensors") -> Path:
     """Weights as a U-MultiClass round writes them: three logits (neg, pos, uncertain) per
     target and metadata coding="multiclass,..." (chexops.model.coding.OutputCoding)."""
+    import dataclasses
+
     import torch
 
     from chexops.model.coding import MULTICLASS, OutputCoding
     from chexops.model.network import build_model
+    from chexops.model.recipe import params_recipe, recipe_metadata
     from chexops.model.weights import save_weights
 
     coding = OutputCoding((MULTICLASS,) * len(params.targets))
     torch.manual_seed(seed)
     model = build_model(params.model, coding.n_outputs).eval()
     path = tmp_path / name
-    save_weights(model, path, {"arch": params.model.arch, "targets": ",".join(params.targets),
-                               "coding": coding.to_str()})
+    save_weights(model, path,
+                 recipe_metadata(dataclasses.replace(params_recipe(params), coding=coding)))
     return path

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # stage name -> module whose main(params, root) runs it
 STAGES = {
+    "source-fingerprint": "chexops.stages.source_fingerprint",
     "download": "chexops.stages.download",
     "clean": "chexops.stages.clean",
     "resample": "chexops.stages.resample",

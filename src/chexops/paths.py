@@ -16,6 +16,10 @@ RESAMPLED_TRAIN = RESAMPLED_DIR / "train.parquet"
 RESAMPLED_VALID = RESAMPLED_DIR / "valid.parquet"
 CACHE_DIR = Path("data/cache")                     # decoded-image cache; not DVC-tracked; always
                                                    # the main repo's (inference.image_cache_dir)
+# the download stage's source, fingerprinted on every `dvc repro` (not data: outside data/, so a
+# trial's data md5s do not include it); and the memos behind it (main repo, not tracked)
+SOURCE_FINGERPRINT = Path("fingerprints/source.json")
+SOURCE_MEMOS = CACHE_DIR / "source"
 CHECKPOINT_DIR = Path("checkpoints")               # resumable per-round checkpoints; not DVC-tracked
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
@@ -63,6 +67,11 @@ def image_cache_dir(root: str | Path) -> Path:
     """The decoded-image cache of the MAIN repository (<repo>/data/cache), also from a DVC
     experiment workspace (<repo>/.dvc/tmp/exps/...), so queued and --temp trials share it."""
     return main_repo_root(root) / CACHE_DIR
+
+
+def source_memos(root: str | Path) -> Path:
+    """The folder of the source fingerprint's memos, in the main repository's data/cache."""
+    return main_repo_root(root) / SOURCE_MEMOS
 
 
 def require(root: str | Path, rel: Path, fix: str) -> Path:

@@ -246,3 +246,77 @@ def test_cli_fails_when_every_image_is_flagged_but_still_prints_the_table(tmp_pa
     # one good image among them is enough for success
     assert cli.main(args[:3] + [str(images["png"])] + args[3:]) == 0
     assert "2 of 3 images flagged" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the weights' recipe wins
+
+def _logit_at(weights: Path, params, image: Path, size: int) -> float:
+    """The weights' own network on `image` decoded at `size` px (the reference, by hand)."""
+    from chexops.data.batches import to_input
+    from chexops.model.weights import load_model
+
+    model, _ = load_model(weights, params)
+    pixels = torch.from_numpy(decode.decode_image(image, size)[None])
+    with torch.inference_mode():
+        return float(model.eval()(to_input(pixels, torch.device("cpu")))[0, 0])
+
+
+def test_weights_run_at_their_own_size_and_network_whatever_params_say(tmp_path, images, capsys):
+    """Weights trained at 32 px with a 16-unit head, given with params of 64 px and 512 units
+    (the field's 64-px weights under a 320-px profile): predict builds the weights' network,
+    feeds it 32-px pixels, and says so in one line per key."""
+    import dataclasses
+
+    trained = tiny_params(tmp_path)
+    trained = dataclasses.replace(trained, model=dataclasses.replace(trained.model, hidden=16))
+    weights = tiny_weights(tmp_path, trained)
+    asked = dataclasses.replace(trained, model=dataclasses.replace(trained.model, hidden=512),
+                                train=dataclasses.replace(trained.train, image_size=2 * SIZE))
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(to_dict(asked)))
+    assert cli.main(["--params", str(tmp_path / "profile.yaml"), "--root", str(tmp_path),
+                     "predict", str(images["png"]), "--model", str(weights)]) == 0
+    out = capsys.readouterr()
+    got = pd.read_csv(io.StringIO(out.out))["Cardiomegaly"][0]
+    z = _logit_at(weights, trained, images["png"], SIZE)
+    assert got == pytest.approx(1.0 / (1.0 + np.exp(-z)), abs=2e-6)
+    z_asked = _logit_at(weights, trained, images["png"], 2 * SIZE)
+    assert abs(got - 1.0 / (1.0 + np.exp(-z_asked))) > 1e-4  # the size matters for this image
+    assert out.err.splitlines() == [
+        "chexops predict: warning: the weights were trained with model.hidden 16; using 16, not "
+        "params' 512",
+        f"chexops predict: warning: the weights were trained with train.image_size {SIZE}; using "
+        f"{SIZE}, not params' {2 * SIZE}"]
+    assert cli.main(["--root", str(tmp_path), "--params", str(tmp_path / "profile.yaml"),
+                     "predict", str(images["png"]), "--model", str(weights), "--heatmaps",
+                     str(tmp_path / "heat")]) == 0
+    heat, = (tmp_path / "heat").glob("*.png")
+    assert Image.open(heat).size == (SIZE, SIZE)   # Grad-CAM at the weights' size too
+
+
+def test_weights_from_before_the_recipe_fall_back_to_params_with_one_warning(tmp_path, images,
+                                                                             capsys):
+    params = tiny_params(tmp_path)
+    weights = tiny_weights(tmp_path, params, legacy=True)
+    predictor = predict.load_predictor(str(weights), params, tmp_path)
+    assert predictor.image_size == SIZE and predictor.recipe is not None
+    assert predictor.recipe.assumed == ("model.head", "model.hidden", "model.ps",
+                                        "model.bn_final", "train.image_size")
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith("chexops predict: warning: the weights do not record model.head, ")
+    assert line.endswith(f"assuming params' model.head fastai, model.hidden 512, model.ps 0.5, "
+                         f"model.bn_final true, train.image_size {SIZE}")
+    z = _logit_at(weights, params, images["png"], SIZE)
+    assert predictor.predict([images["png"]])["Cardiomegaly"][0] == pytest.approx(
+        1.0 / (1.0 + np.exp(-z)), abs=1e-6)
+
+
+def test_weights_of_other_targets_predict_their_own_targets(tmp_path, images, capsys):
+    import dataclasses
+
+    params = tiny_params(tmp_path)
+    edema = dataclasses.replace(params, targets=("Edema",))
+    predictor = predict.load_predictor(str(tiny_weights(tmp_path, edema)), params, tmp_path)
+    assert list(predictor.predict([images["png"]]).columns) == ["image", "Edema", "error"]
+    assert capsys.readouterr().err.splitlines() == [
+        "chexops predict: warning: the weights were trained with targets Edema; using Edema, "
+        "not params' Cardiomegaly"]

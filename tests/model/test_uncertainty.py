@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -148,6 +149,45 @@ def test_teacher_with_other_targets_or_not_weights_is_a_clear_error(tmp_path):
     junk.write_bytes(b"not safetensors")
     with pytest.raises(ChexopsError, match=r"^clean.teacher: .*junk.safetensors"):
         load_teacher(params(), junk)
+
+
+def test_the_teacher_runs_as_its_weights_say_not_as_the_students_params(root, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A teacher from another trial (48 px, a 16-unit head) relabels a 32-px student's data: its
+    own network, fed the images decoded at its own size; nothing to warn about. A teacher of
+    other targets is refused; one from before the recipe falls back to params, with a warning."""
+    from chexops.training.teacher import load_teacher
+    from tests.stages.test_train_round import fake_images
+    from tests.tiny_model import tiny_weights
+
+    teacher_params = params(train={"image_size": 48}, model={"hidden": 16})
+    path = tiny_weights(tmp_path, teacher_params, name="teacher.safetensors")
+    student = policy("selftrained", teacher=str(path))
+    teacher = load_teacher(student, path)
+    assert teacher.image_size == 48 and teacher.model.head[4].out_features == 16
+    sizes = []
+    images = sys.modules["chexops.data.images"]
+    monkeypatch.setattr(images, "load_image_array", lambda z, ps, size, *a: (
+        sizes.append((size, len(ps))), fake_images(z, ps, size, *a))[1])
+    train = with_uncertain(root)
+    data, identity = rounds.train_set(student, root, train, torch.device("cpu"))
+    assert sizes == [(32, 16), (48, 3)]  # the student's images, then the 3 uncertain at 48 px
+    assert identity["teacher_relabelled"] == "3"
+    expected = teacher.probabilities(fake_images(None, train["Path"].iloc[[1, 4, 7]].tolist(), 48,
+                                                   None, 0))
+    np.testing.assert_allclose(data.labels[[1, 4, 7], 0], expected[:, 0], rtol=1e-5)
+    assert capsys.readouterr().err == ""
+    edema = tiny_weights(tmp_path, params(targets=["Edema"]), name="edema.safetensors")
+    with pytest.raises(ChexopsError, match=r"^clean.teacher: the teacher's weights .*edema"
+                                           r".safetensors were trained with targets Edema, params "
+                                           r"say Cardiomegaly; use a teacher trained on"):
+        load_teacher(student, edema)
+    old = tiny_weights(tmp_path, params(train={"image_size": 48}), name="old.safetensors",
+                       legacy=True)
+    assert load_teacher(student, old).image_size == 32  # params stand in
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith("chexops: clean.teacher: warning: the teacher's weights ") and \
+        line.endswith("train.image_size 32")
 
 
 def test_multi_label_round_reports_each_target_and_selects_by_mean_auroc(root, runs):

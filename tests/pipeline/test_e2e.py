@@ -1,4 +1,4 @@
-"""The real nine-stage DVC pipeline, reduced, end to end: `make repro`, `dvc exp run -S lr=...`,
+"""The real nine-stage DVC pipeline (and its source fingerprint), reduced, end to end: `make repro`, `dvc exp run -S lr=...`,
 `dvc exp show`, and what lands in the MLflow store."""
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from tests.processes import run_group
 
 pytestmark = [pytest.mark.slow, SHARED]
 
-STAGES = ["download", "clean", "resample"] + [f"train-round-{k}" for k in range(1, 6)] + ["evaluate"]
+# the nine stages that log to MLflow, and dvc.yaml's stages: the source fingerprint first
+PIPELINE = ["download", "clean", "resample"] + [f"train-round-{k}" for k in range(1, 6)] + ["evaluate"]
+STAGES = ["source-fingerprint"] + PIPELINE
+ALWAYS_CHANGED = {"source-fingerprint": ["always changed"]}  # what `dvc status` shows when idle
 ROUND_METRICS = {"train_loss", "valid_loss", "auroc", "precision", "recall", "error_rate", "lr"}
 
 
@@ -82,12 +85,20 @@ def test_all_nine_stages_ran_and_are_locked(repo):
     assert evaluation.get("ceiling_auroc") is None
 
 
+def dvc_status(repo: Path) -> dict:
+    return json.loads(run(["dvc", "status", "--json"], repo, pipeline_env()).stdout)
+
+
 def test_noop_repro_has_nothing_to_do(repo):
-    status = run(["dvc", "status"], repo, pipeline_env()).stdout
-    assert "up to date" in status
+    """Nothing changed: only the source fingerprint runs (DVC runs it every time), finds the
+    source as it was, and every pipeline stage is skipped."""
+    assert dvc_status(repo) == ALWAYS_CHANGED
     trials_before = len(trial_runs(all_runs(repo)))
+    lock_before = (repo / "dvc.lock").read_text()
     out = run(["dvc", "repro"], repo, pipeline_env()).stdout
-    assert "up to date" in out, out
+    assert "Running stage 'source-fingerprint'" in out, out
+    assert not [s for s in PIPELINE if f"Running stage '{s}'" in out], out
+    assert (repo / "dvc.lock").read_text() == lock_before
     assert len(trial_runs(all_runs(repo))) == trials_before  # nothing ran: no new trial
 
 
@@ -101,18 +112,18 @@ def test_editing_report_code_changes_evaluate_and_no_training_round(repo, module
     original = path.read_bytes()
     try:
         path.write_bytes(original + b"\n# a wording change in the report\n")
-        out = run(["dvc", "status", "--json"], repo, pipeline_env()).stdout
-        assert set(json.loads(out)) == {"evaluate"}, out
+        status = dvc_status(repo)
+        assert set(status) == {"evaluate", *ALWAYS_CHANGED}, status
     finally:
         path.write_bytes(original)
-    assert "up to date" in run(["dvc", "status"], repo, pipeline_env()).stdout
+    assert dvc_status(repo) == ALWAYS_CHANGED
 
 
 def test_trial_run_has_a_child_per_stage_with_round_metrics(repo):
     runs = all_runs(repo)
     trial, = (r for r in runs if r.info.run_id == made_by_make_repro(repo)["trial"])
     kids = children(runs, trial)
-    assert set(kids) == set(STAGES)
+    assert set(kids) == set(PIPELINE)  # the source fingerprint logs no run
     assert "evaluate.Cardiomegaly.auroc" in trial.data.metrics or any(
         k.endswith("auroc") for k in trial.data.metrics)
     assert trial.data.params["lr"] == str(reduced_params()["lr"])
@@ -201,7 +212,7 @@ def test_exp_run_of_evaluate_only_links_all_cached_stages(repo):
     newest, = added
     assert newest.data.tags.get("dvc.exp_name") == "thr-low"
     assert set(children(runs, newest)) == {"evaluate"}
-    for stage in STAGES[:-1]:
+    for stage in PIPELINE[:-1]:
         linked = by_id[newest.data.tags[f"stage.{stage}.run_id"]]
         assert linked.data.tags["chexops.stage"] == stage
         assert linked.info.status == "FINISHED"

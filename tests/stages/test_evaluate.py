@@ -117,6 +117,17 @@ def test_headline_first_puts_mean_then_auroc_and_its_interval_before_the_rest():
 
 # ---------------------------------------------------------------- the stage
 
+def write_recipe_only(path: Path, params) -> None:
+    """A safetensors file with the recipe params train and one tensor, no network: the
+    stage reads the recipe; predictions are fixed here."""
+    import torch
+    from safetensors.torch import save_file
+
+    from chexops.model.recipe import params_recipe, recipe_metadata
+
+    save_file({"w": torch.zeros(1)}, str(path), metadata=recipe_metadata(params_recipe(params)))
+
+
 @pytest.fixture()
 def stage_repo(tmp_path, monkeypatch):
     """dvc.yaml, final weights, a valid split and a truth table; predictions are fixed."""
@@ -124,7 +135,7 @@ def stage_repo(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     (tmp_path / "models/round-5").mkdir(parents=True)
-    (tmp_path / "models/round-5/best.safetensors").write_bytes(b"weights")
+    write_recipe_only(tmp_path / "models/round-5/best.safetensors", load_params(REPO / "params.yaml"))
     (tmp_path / "data/resampled").mkdir(parents=True)
     frame(Y).to_parquet(tmp_path / "data/resampled/valid.parquet")
     (tmp_path / "data/raw").mkdir()
@@ -138,7 +149,7 @@ def stage_repo(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "chexops.inference.frames",
                         types.SimpleNamespace(predict_frame=predict_frame))
-    # these weights are fake bytes, so no Grad-CAM and no registry here; both are tested
+    # these weights hold no network, so no Grad-CAM and no registry here; both are tested
     # with a real tiny model in tests/stages/test_evaluate_report.py
     from chexops.stages import evaluate_report
     monkeypatch.setattr(evaluate_report, "_gradcam_figures", lambda *a, **k: {})

@@ -52,7 +52,7 @@ def stage_repo(tmp_path, monkeypatch):
     predictor = predict.predictor_from_weights(tmp_path / "models/round-5/best.safetensors", params)
     fake = types.SimpleNamespace(  # no zip here: images come from memory, the model is real
         predict_frame=lambda p, w, df, z, r: predictor.probabilities(images[: len(df)]),
-        load_images=lambda p, df, z, r: images[: len(df)])
+        load_images=lambda p, df, z, r, size=None: images[: len(df)])
     monkeypatch.setitem(sys.modules, "chexops.inference.frames", fake)
     return tmp_path, params
 
@@ -135,8 +135,8 @@ def test_gradcam_figures_read_multiclass_weights_by_their_coding(tmp_path, monke
     weights = tiny_multiclass_weights(tmp_path, params)
     valid = valid_frame()
     images = np.random.default_rng(1).integers(0, 255, (N, SIZE, SIZE), dtype=np.uint8)
-    monkeypatch.setitem(sys.modules, "chexops.inference.frames",
-                        types.SimpleNamespace(load_images=lambda p, df, z, r: images[: len(df)]))
+    fake = types.SimpleNamespace(load_images=lambda p, df, z, r, size=None: images[: len(df)])
+    monkeypatch.setitem(sys.modules, "chexops.inference.frames", fake)
     predictor = predict.predictor_from_weights(weights, params)
     probs = predictor.probabilities(images)
     seen = []

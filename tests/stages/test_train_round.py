@@ -139,6 +139,52 @@ def test_predict_frame_uses_the_rounds_weights(root):
     assert binary_metrics(valid["Cardiomegaly"], probs[:, 0])["confusion"] == metrics["confusion"]
 
 
+def test_the_rounds_weights_record_their_recipe_and_evaluation_follows_it(root, monkeypatch):
+    """The weights say how to use them: scored at their own size whatever params say, and
+    refused for other targets (the columns would be mislabelled)."""
+    from safetensors import safe_open
+
+    from chexops.inference.frames import predict_frame
+    from chexops.model.recipe import params_recipe, recipe_from_metadata
+
+    p = params()
+    stage.main(p, root, 1)
+    weights = root / paths.round_weights(1)
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["round"] == "1" and meta["image_size"] == "32"
+    other = params(train={"image_size": 48}, model={"hidden": 64})
+    assert recipe_from_metadata(meta, other) == params_recipe(p)
+    images = sys.modules["chexops.data.images"]
+    sizes = []
+    monkeypatch.setattr(images, "load_image_array", lambda z, ps, size, *a: (
+        sizes.append(size), fake_images(z, ps, size, *a))[1])
+    valid = pd.read_parquet(root / paths.RESAMPLED_VALID)
+    probs = predict_frame(p, weights, valid, root / paths.RAW_ZIP, root)
+    bigger = predict_frame(params(train={"image_size": 48}), weights, valid, root / paths.RAW_ZIP,
+                           root)
+    assert sizes == [32, 32]
+    np.testing.assert_allclose(bigger, probs, rtol=1e-6)
+    with pytest.raises(ChexopsError, match=r"round-1/best.safetensors were trained with targets "
+                                           r"Cardiomegaly, params say Edema; their scores"):
+        predict_frame(params(targets=["Edema"]), weights, valid, root / paths.RAW_ZIP, root)
+
+
+def test_a_round_refuses_to_continue_weights_trained_otherwise(root, capsys):
+    """Round k (and `lr-find k`, which starts from the same model) continues round k-1's weights
+    only as params describe them: a stale round k-1 is refused, before anything is written."""
+    stage.main(params(), root, 1)
+    capsys.readouterr()
+    with pytest.raises(ChexopsError, match=r"the weights .*round-1/best.safetensors were trained "
+                                           r"with train.image_size 32, params say 48; they are "
+                                           r"stale: re-run the earlier rounds"):
+        stage.main(params(train={"image_size": 48}), root, 2)
+    assert not (root / paths.round_dir(2)).exists()
+    with pytest.raises(ChexopsError, match="model.hidden 512, params say 64"):
+        rounds.build_start_model(params(model={"hidden": 64}), root / paths.round_weights(1))
+    assert capsys.readouterr().err == ""
+
+
 def test_round_two_needs_round_one_weights(root):
     with pytest.raises(ChexopsError, match=r"^models/round-1/best.safetensors not found; "
                                            r"run `dvc repro train-round-1` first$"):

@@ -171,3 +171,33 @@ def test_logged_model_carries_its_code_and_loads_without_chexops_installed(tmp_p
     here = predict.predictor_from_weights(weights, params)
     buf_png = png_bytes(np.random.default_rng(1).integers(0, 255, (48, 40), dtype=np.uint8))
     assert result["p"] == pytest.approx(here.predict([buf_png])["Cardiomegaly"][0], abs=1e-6)
+
+
+def test_the_registered_model_carries_the_weights_recipe_not_params(tmp_path, store, capsys):
+    """Logged with params of another image size, the pyfunc (what `mlflow models serve` and
+    `predict --model models:/...` run) reads images at the weights' size; predict says so."""
+    import dataclasses
+
+    import mlflow.pyfunc
+
+    import chexops
+    from chexops.data.batches import NORMALISATION
+    from tests.tiny_model import SIZE
+
+    params, weights, run_id = store
+    asked = dataclasses.replace(params, train=dataclasses.replace(params.train, image_size=96))
+    config = registry.model_config(asked, weights)
+    assert (config["image_size"], config["normalisation"], config["chexops_version"]) == (
+        SIZE, NORMALISATION, chexops.__version__)
+    info = registry.log_model(asked, tmp_path, run_id, weights)
+    served = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().predictor
+    assert served.image_size == SIZE and served.recipe.image_size == SIZE
+    imgs = [png_bytes(radiograph(s)) for s in range(2)]
+    np.testing.assert_allclose(served.predict(imgs)["Cardiomegaly"],
+                               predict.predictor_from_weights(weights, params)
+                               .predict(imgs)["Cardiomegaly"], atol=1e-6)
+    capsys.readouterr()
+    assert predict.load_predictor(info.model_uri, asked, tmp_path).image_size == SIZE
+    assert capsys.readouterr().err.splitlines() == [
+        f"chexops predict: warning: the weights were trained with train.image_size {SIZE}; "
+        f"using {SIZE}, not params' 96"]

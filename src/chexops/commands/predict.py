@@ -7,9 +7,10 @@ training image store's own (`chexops.data.decode.decode_image`: bit depth, orien
 and transparency policy, JPEG draft, Lanczos squish), so an image gives the network the same
 pixels here as in training, and a huge JPEG is still downscaled by its decoder.
 
-The weights' metadata says how the outputs read (`coding`, chexops.model.coding.OutputCoding):
-one sigmoid logit per binary target, three logits per U-MultiClass target whose positive
-probability is sigmoid(z_pos - z_neg). Weights without it are all binary.
+The weights' recipe (chexops.model.recipe) says what the network is, the image size it trained
+at and how the outputs read (`coding`, chexops.model.coding.OutputCoding): one sigmoid logit per
+binary target, three logits per U-MultiClass target whose positive probability is
+sigmoid(z_pos - z_neg). Where params say otherwise the weights win, one warning line per key.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from chexops.errors import ChexopsError
 from chexops.evaluation.targets import slug
 from chexops.inference import gradcam
 from chexops.inference.predictor import Predictor, predictor_from_weights
+from chexops.model.recipe import check_recipe
 from chexops.tracking.registry import load_registered
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,13 +37,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from chexops.config import Params
 
 
-
 def load_predictor(spec: str, params: "Params", root: Path) -> Predictor:
-    """A models:/ or runs:/ URI from the MLflow store, or a local weights file."""
+    """A models:/ or runs:/ URI from the MLflow store, or a local weights file; a warning line
+    for each key where params disagree with the weights' recipe (the weights' value is used)."""
     if spec.startswith(("models:/", "runs:/")):
-
-        return load_registered(spec, params, root)
-    return predictor_from_weights(spec, params)
+        predictor = load_registered(spec, params, root)
+    else:
+        predictor = predictor_from_weights(spec, params)
+    if predictor.recipe is not None:
+        check_recipe(predictor.recipe, params, "chexops predict")
+    return predictor
 
 
 # ---------------------------------------------------------------- output

@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# what to_input does, as a weights file records it (chexops.model.recipe)
+NORMALISATION = (f"grey x3, /255, imagenet mean {','.join(map(str, IMAGENET_MEAN))} "
+                 f"std {','.join(map(str, IMAGENET_STD))}")
 
 
 @dataclass

@@ -3,9 +3,10 @@ outputs (targets, input size, output coding), built from a weights file, and the
 inference loop, `predict_logits`, that runs a model over a loader (validation, evaluate, TTA) or
 over decoded images (predict, serving, the teacher: `image_loader`).
 
-The weights' metadata says how the outputs read (`coding`, chexops.model.coding.OutputCoding):
+The weights' metadata (their recipe, chexops.model.recipe) says what the network is, the size
+its inputs were trained at and how the outputs read (`coding`, chexops.model.coding.OutputCoding):
 one sigmoid logit per binary target, three logits per U-MultiClass target whose positive
-probability is sigmoid(z_pos - z_neg). Weights without it are all binary.
+probability is sigmoid(z_pos - z_neg). Weights without a coding are all binary.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from chexops.model.weights import load_model
 if TYPE_CHECKING:  # pragma: no cover
     from chexops.model.coding import OutputCoding
     from chexops.model.network import ChexNet
+    from chexops.model.recipe import Recipe
 
 BATCH = 16
 
@@ -74,13 +76,15 @@ def image_loader(images: np.ndarray, batch: int = BATCH):
 @dataclass
 class Predictor:
     """A trained ChexNet with what it needs to read images and its outputs: targets, input
-    size and output coding (None: one sigmoid logit per target), run `batch` images at a time."""
+    size and output coding (None: one sigmoid logit per target), run `batch` images at a time;
+    `recipe`: the weights' whole recipe, where it is known."""
     model: "ChexNet"
     targets: tuple[str, ...]
     image_size: int
     device: "torch.device"
     coding: "OutputCoding | None" = None
     batch: int = BATCH
+    recipe: "Recipe | None" = None
 
     def __post_init__(self) -> None:
         # the same default and length check as weights metadata without / with a coding
@@ -112,10 +116,12 @@ class Predictor:
 
 def predictor_from_weights(weights: str | Path, params: "Params",
                            device: "torch.device | None" = None) -> Predictor:
-    """A local safetensors file as a Predictor on `device` (default CPU): architecture, targets
-    and output coding from its metadata when recorded (train rounds write them), the head and
-    image size from params. Raises ChexopsError as chexops.model.weights.load_model does."""
+    """A local safetensors file as a Predictor on `device` (default CPU): network, targets,
+    output coding and image size from its recipe (params stand in for what an older file does
+    not record). Silent: the caller says where params disagree
+    (chexops.model.recipe.check_recipe). Raises ChexopsError as
+    chexops.model.weights.load_model does."""
     model, recipe = load_model(weights, params)
     device = device or torch.device("cpu")
-    return Predictor(model.to(device).eval(), recipe.targets, params.train.image_size, device,
-                     recipe.coding)
+    return Predictor(model.to(device).eval(), recipe.targets, recipe.image_size, device,
+                     recipe.coding, recipe=recipe)

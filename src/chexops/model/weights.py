@@ -1,64 +1,25 @@
 """Weights files: safetensors writes and strict reads, and the one loader that rebuilds a trained
-network together with its `Recipe`: what it was trained with (architecture, targets in output
-order, output coding), as the file's metadata records it.
-
-A training round records `arch`, `targets` and `coding` in the metadata. A file that records
-nothing (written before chexops recorded it, or by hand) falls back to params for the
-architecture and targets and to one sigmoid logit per target for the coding.
+network together with its `Recipe` (chexops.model.recipe: architecture, targets in output order,
+output coding, image size, normalisation, chexops version), as the file's metadata records it.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
 from chexops import atomic
-from chexops.config import ModelConfig, Params
+from chexops.config import Params
 from chexops.errors import ChexopsError
-from chexops.model.coding import OutputCoding, coding_from_metadata, output_coding
 from chexops.model.network import ChexNet, build_model
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to rebuild a trained network and read its outputs.
-
-    model: the model params (arch as recorded; head, hidden, ps, bn_final from params;
-    pretrained always False, since the weights file replaces any pretrained body); targets: the
-    output order; coding: how logits become probabilities. A new field (input size,
-    normalisation) needs a default here and a line in each reader: `params_recipe`,
-    `recipe_from_metadata` and the pyfunc config of chexops.tracking.registry."""
-    model: ModelConfig
-    targets: tuple[str, ...]
-    coding: OutputCoding
-
-    @property
-    def arch(self) -> str:
-        return self.model.arch
-
-
-def params_recipe(params: Params) -> Recipe:
-    """The recipe params train: what a round starts from and what evaluate scores."""
-    return Recipe(dataclasses.replace(params.model, pretrained=False), tuple(params.targets),
-                  output_coding(params))
-
-
-def recipe_from_metadata(meta: Mapping[str, str], params: Params) -> Recipe:
-    """The recipe a weights file's metadata records; arch and targets fall back to params and
-    the coding to all binary. Raises ChexopsError when the coding does not cover the targets."""
-    targets = tuple(meta["targets"].split(",")) if meta.get("targets") else tuple(params.targets)
-    model = dataclasses.replace(params.model, arch=meta.get("arch", params.model.arch),
-                                pretrained=False)
-    return Recipe(model, targets, coding_from_metadata(meta, targets))
+from chexops.model.recipe import Recipe, check_normalisation, recipe_from_metadata
 
 
 def read_recipe(weights: str | Path, params: Params) -> Recipe:
-    """The recipe of a weights file (`recipe_from_metadata` of its metadata). Raises
-    ChexopsError when the file is missing or not safetensors."""
+    """The recipe of a weights file (`recipe_from_metadata` of its metadata: params stand in
+    for what an older file does not record). Raises ChexopsError when the file is missing or
+    not safetensors."""
     return recipe_from_metadata(weights_metadata(weights), params)
 
 
@@ -69,12 +30,14 @@ def load_model(weights: str | Path, params: Params | None = None, *,
     By default the recipe is the file's own (`read_recipe(weights, params)`); a caller that must
     run what params (or a pyfunc config) describe passes `recipe`, and a file made with other
     params then fails the strict load. The model comes back on the CPU in train mode (as built).
-    Raises ChexopsError: file missing, not safetensors, coding not covering the targets, or
-    weights that do not match the recipe's network."""
+    Raises ChexopsError: file missing, not safetensors, coding not covering the targets, inputs
+    normalised otherwise than this chexops does, or weights that do not match the network."""
+    meta = weights_metadata(weights)
     if recipe is None:
         if params is None:
             raise TypeError("load_model needs params or a recipe")
-        recipe = read_recipe(weights, params)
+        recipe = recipe_from_metadata(meta, params)
+    check_normalisation(meta, str(weights))  # whichever recipe runs it, the file says how it was fed
     model = build_model(recipe.model, recipe.coding.n_outputs)
     load_weights(model, weights)
     return model, recipe

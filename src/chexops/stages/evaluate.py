@@ -13,6 +13,8 @@ from chexops import atomic, paths
 from chexops.config import N_ROUNDS, Params
 from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
+from chexops.model.recipe import SCORED_FIX, SCORED_KEYS, Recipe, check_recipe
+from chexops.model.weights import read_recipe
 from chexops.stages import evaluate_report
 from chexops.tracking import runs as tracking
 from chexops.tracking import store, trial
@@ -87,10 +89,11 @@ def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ..
 
 
 def log_to_run(run: store.StageRun, root: Path, params: Params, metrics: dict,
-               figures: dict, n_valid: int) -> None:
+               figures: dict, n_valid: int, recipe: Recipe) -> None:
+    """Params, metrics, figures and outputs; image size and arch are the weights' (recipe)."""
     run.log_params({"threshold": params.evaluate.threshold, "targets": list(params.targets),
                     "weights": paths.round_weights(FINAL_ROUND).as_posix(), "n_valid": n_valid,
-                    "image_size": params.train.image_size, "arch": params.model.arch})
+                    "image_size": recipe.image_size, "arch": recipe.arch})
     run.log_metrics(store.numeric_metrics(metrics))
     run.log_dict({t: m.get("confusion") for t, m in metrics.items() if "confusion" in m},
                  "confusion.json")
@@ -107,6 +110,8 @@ def main(params: Params, root: Path) -> None:
                             f"run `dvc repro train-round-{FINAL_ROUND}` first")
     valid = pd.read_parquet(paths.require(root, paths.RESAMPLED_VALID, "run `dvc repro resample` first"))
     truth = pd.read_parquet(root / paths.TRUTH) if (root / paths.TRUTH).is_file() else None
+    recipe = check_recipe(read_recipe(weights, params), params, f"chexops {STAGE}",
+                          SCORED_KEYS, SCORED_FIX)  # the weights win: one line per difference
     with tracking.stage_run(params, root, STAGE) as run:
         probs = predict(params, root, weights, valid)
         metrics, curves = evaluate.evaluate_targets(valid, probs, params.targets,
@@ -118,7 +123,7 @@ def main(params: Params, root: Path) -> None:
         figures = write_report(root, metrics, curves, params.targets)
         figures.update(evaluate_report.write_outputs(  # predictions, report.html, Grad-CAM
             params, root, valid, probs, metrics, extra, weights, dict(figures)))
-        log_to_run(run, root, params, metrics, figures, len(valid))
+        log_to_run(run, root, params, metrics, figures, len(valid), recipe)
         evaluate_report.register_model(params, run, root, weights)  # MLflow registry
         _print_summary(metrics, params.targets)
     trial.close_trial(params, root, run, {STAGE: metrics})

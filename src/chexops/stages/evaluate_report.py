@@ -48,8 +48,8 @@ def _gradcam_figures(params: Params, root: Path, valid: pd.DataFrame, probs: np.
     from chexops.inference.frames import load_images
     from chexops.inference.predictor import predictor_from_weights
 
-    predictor = predictor_from_weights(weights, params)
-    images = load_images(params, valid, root / paths.RAW_ZIP, root)
+    predictor = predictor_from_weights(weights, params)   # the weights' network and size
+    images = load_images(params, valid, root / paths.RAW_ZIP, root, predictor.image_size)
     figures = {}
     for j, t in enumerate(params.targets):
         labels = pd.to_numeric(valid[t], errors="coerce").to_numpy()

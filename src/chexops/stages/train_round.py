@@ -28,6 +28,7 @@ from chexops import paths
 from chexops.config import N_ROUNDS, Params
 from chexops.errors import ChexopsError
 from chexops.model.coding import needs_teacher
+from chexops.model.recipe import params_recipe, recipe_metadata
 from chexops.runtime import prepare, seed_everything
 from chexops.tracking import runs as tracking
 from chexops.training import checkpoint, distributed, rounds
@@ -118,9 +119,8 @@ def _train(params: Params, root: Path, k: int, device, start: _Start, train, val
         start.fingerprint, stage_run.run_id,
         on_epoch_end=lambda row: stage_run.log_metrics_once(
             {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]),
-        weights_metadata={"round": str(k), "arch": params.model.arch,
-                          "targets": ",".join(params.targets), "seed": str(params.seed),
-                          "coding": plan.coding.to_str()},
+        weights_metadata={"round": str(k), "seed": str(params.seed),
+                          **recipe_metadata(params_recipe(params))},
         lr_found=found_lr)
     meta.update(best_epoch=result.best_epoch, batch_size=result.batch_size,
                 micro_batch=result.micro_batch, world_size=distributed.world_size(),

@@ -62,6 +62,11 @@ def lock_outs(root: str | Path) -> dict[str, str]:
 
 
 def source_stages(root: str | Path) -> dict[str, list[str]]:
-    """Stages that read no data (only code), with their outs: they bring the data in."""
-    return {name: paths_of(s, "outs") for name, s in stages(root).items()
-            if all(is_code(d) for d in paths_of(s, "deps"))}
+    """Stages that read no data, with their outs: they bring the data in. Their deps are code,
+    or the fingerprint an `always_changed` stage writes of a source outside the pipeline (the
+    `source-fingerprint` stage, which is no source itself: it writes no data)."""
+    found = stages(root)
+    watched = {o for s in found.values() if s.get("always_changed") for o in paths_of(s, "outs")}
+    return {name: paths_of(s, "outs") for name, s in found.items()
+            if not s.get("always_changed")
+            and all(is_code(d) or d in watched for d in paths_of(s, "deps"))}

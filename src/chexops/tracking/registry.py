@@ -1,10 +1,10 @@
 """The MLflow model registry: the final weights as a pyfunc model, registered, with a `champion`.
 
-The pyfunc model holds the safetensors weights and a small JSON config (model params, targets,
-image size, output coding) as artifacts, and the chexops package itself as code (code_paths),
-so it loads in any environment with the pip requirements it lists, chexops installed or not.
-Its input is a DataFrame with one column `image` holding base64-encoded image files
-(JPEG/PNG), so a REST client can send radiographs as they are; its output has one
+The pyfunc model holds the safetensors weights and a small JSON config (the weights' recipe:
+model params, targets, image size, output coding, normalisation) as artifacts, and the chexops
+package itself as code (code_paths), so it loads in any environment with the pip requirements
+it lists, chexops installed or not. Its input is a DataFrame with one column `image` holding
+base64-encoded image files (JPEG/PNG), so a REST client can send radiographs as they are; its output has one
 probability column per target and an `error` column that flags images that could not be read
 (the others are still predicted).
 """
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from chexops.config import Params
     from chexops.inference.predictor import Predictor
-    from chexops.model.weights import Recipe
+    from chexops.model.recipe import Recipe
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
@@ -76,30 +76,35 @@ def _b64(value: Any) -> bytes | None:
 
 
 def model_config(params: "Params", weights: Path | None = None) -> dict[str, Any]:
-    """What the pyfunc needs to rebuild the network and read images and outputs: model params,
-    and the arch, targets and output coding (U-MultiClass) the weights' metadata records
-    (params' targets and all-binary when there are no weights or no metadata)."""
+    """What the pyfunc needs to rebuild the network and read images and outputs: the recipe the
+    weights' metadata records (model params, targets, output coding, image size, normalisation,
+    chexops version; params stand in for what the file does not record, or without weights)."""
     from chexops.config import to_dict
-    from chexops.model.weights import read_recipe, recipe_from_metadata
+    from chexops.model.recipe import params_recipe
+    from chexops.model.weights import read_recipe
 
     # weights come from the artifact, so the recipe's model is never pretrained
-    recipe = (read_recipe(weights, params) if weights is not None
-              else recipe_from_metadata({}, params))
+    recipe = read_recipe(weights, params) if weights is not None else params_recipe(params)
     return {"model": to_dict(recipe.model), "targets": list(recipe.targets),
-            "coding": recipe.coding.to_str(), "image_size": params.train.image_size}
+            "coding": recipe.coding.to_str(), "image_size": recipe.image_size,
+            "normalisation": recipe.normalisation, "chexops_version": recipe.version}
 
 
 def config_recipe(config: dict[str, Any]) -> "Recipe":
     """The recipe a pyfunc config records (a config without `coding`, logged before
-    U-MultiClass, is all binary); model keys this chexops does not know are dropped."""
+    U-MultiClass, is all binary; one without `normalisation` was fed ImageNet's); model keys
+    this chexops does not know are dropped."""
     from chexops.config import ModelConfig
+    from chexops.data.batches import NORMALISATION
     from chexops.model.coding import coding_from_metadata
-    from chexops.model.weights import Recipe
+    from chexops.model.recipe import Recipe
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})
     targets = tuple(config["targets"])
-    return Recipe(model, targets, coding_from_metadata(config, targets))
+    return Recipe(model, targets, coding_from_metadata(config, targets), int(config["image_size"]),
+                  str(config.get("normalisation") or NORMALISATION),
+                  str(config.get("chexops_version") or ""))
 
 
 def build_predictor(weights: Path, config: dict[str, Any]) -> "Predictor":
@@ -110,8 +115,8 @@ def build_predictor(weights: Path, config: dict[str, Any]) -> "Predictor":
     from chexops.model.weights import load_model
 
     model, recipe = load_model(weights, recipe=config_recipe(config))
-    return Predictor(model.eval(), recipe.targets, int(config["image_size"]), torch.device("cpu"),
-                     recipe.coding)
+    return Predictor(model.eval(), recipe.targets, recipe.image_size, torch.device("cpu"),
+                     recipe.coding, recipe=recipe)
 
 
 def example_input(size: int = 64) -> pd.DataFrame:
@@ -176,7 +181,7 @@ def log_model(params: "Params", root: Path, run_id: str, weights: Path) -> "Mode
                          artifacts={"weights": str(weights), "config": str(config)},
                          code_paths=[str(package_dir())],
                          signature=signature(tuple(spec["targets"])),
-                         input_example=example_input(params.train.image_size),
+                         input_example=example_input(int(spec["image_size"])),
                          pip_requirements=_pip_requirements())
 
 

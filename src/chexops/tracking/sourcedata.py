@@ -59,7 +59,8 @@ def restore_source(ws: Path, stage: str, out: str, md5: str, cache: Path, env: d
                            f"from data.source {source!r} (its md5 is still checked)")
     print(f"reproduce: {out} is not in the DVC cache and not had from the DVC remote "
           f"({cause}); re-deriving it with stage {stage}", file=sys.stderr)
-    repro(ws, env, ["--force", "--single-item", stage], f"stage {stage}")
+    # not --single-item: the source's fingerprint stage, its one upstream, runs first
+    repro(ws, env, ["--force", stage], f"stage {stage}")
     new = dvcfiles.lock_outs(ws).get(out)
     if new != md5:
         raise _mismatch(out, md5, new, source, cache, note)

@@ -27,7 +27,8 @@ from chexops.evaluation.confusion import confusion_figure
 from chexops.hashing import file_md5
 from chexops.model.coding import encode_labels, needs_teacher, output_coding
 from chexops.model.network import build_model, pretrained_path
-from chexops.model.weights import load_model, params_recipe
+from chexops.model.recipe import params_recipe, refuse, warn_assumed
+from chexops.model.weights import load_model, read_recipe
 from chexops.paths import image_cache_dir
 from chexops.tracking.provenance import dvc_code_md5s, dvc_input_md5s
 from chexops.training import checkpoint, distributed
@@ -96,7 +97,8 @@ def train_set(params: Params, root: Path, df: pd.DataFrame, device) -> tuple[Any
     data = array_set(params, root, df)
     if not needs_teacher(params):
         return data, None
-    return self_train(params, root, data, label_matrix(params, df), device)
+    return self_train(params, root, data, label_matrix(params, df), device,
+                      df["Path"].astype(str).tolist())
 
 
 # ---------------------------------------------------------------- provenance
@@ -222,12 +224,18 @@ def plan_for(params: Params, k: int):
 
 
 def build_start_model(params: Params, prev: Path | None, root: Path | None = None):
-    """Round k-1's weights in the network params describe (a file made with other model params
-    raises ChexopsError), or (round 1) the model with model.pretrained, a relative weights path
-    resolved against `root` (the repository root)."""
-    if prev is not None:  # round k-1's weights replace any pretrained ones
-        return load_model(prev, recipe=params_recipe(params))[0]
-    return build_model(params.model, output_coding(params).n_outputs, root)
+    """Round k-1's weights in the network params describe, or (round 1) the model with
+    model.pretrained, a relative weights path resolved against `root` (the repository root).
+    Weights whose recipe differs from params' (network, targets, coding, image size) raise
+    ChexopsError: the round would continue weights trained otherwise than params say."""
+    if prev is None:
+        return build_model(params.model, output_coding(params).n_outputs, root)
+    recipe = read_recipe(prev, params)
+    what = f"the weights {prev}"
+    refuse(recipe, params, ("*",), what,
+           "they are stale: re-run the earlier rounds (`dvc repro` does) or set params back")
+    warn_assumed(recipe, params, "chexops", what)
+    return load_model(prev, recipe=params_recipe(params))[0]  # round k-1's replace pretrained
 
 
 def resolve_auto_lr(plan, params: Params, k: int, model, train, device, stage_run,

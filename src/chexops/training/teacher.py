@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from chexops import paths
 from chexops.config import Params
 from chexops.errors import ChexopsError
 from chexops.hashing import file_md5
 from chexops.inference.predictor import Predictor
 from chexops.model.coding import relabel
-from chexops.model.weights import load_model, recipe_from_metadata, weights_metadata
+from chexops.model.recipe import SCORED_KEYS, refuse, warn_assumed
+from chexops.model.weights import load_model, read_recipe
+from chexops.paths import image_cache_dir
 from chexops.redact import redact_url
 from chexops.tracking import store
 
@@ -59,20 +62,22 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
 
 def load_teacher(params: Params, path: Path,
                  device: torch.device | None = None) -> Predictor:
-    """The teacher as a Predictor on `device` (default CPU), TEACHER_BATCH images at a time: the
-    network model params describe, with the output coding the weights' metadata records (read as
-    predict reads any weights file). Raises ChexopsError prefixed `clean.teacher:` when the
-    file is missing, not safetensors or its coding does not cover params' targets."""
-
-    try:  # only the coding is the file's: the teacher must predict params' targets, in order
-        meta = weights_metadata(path)
-        recipe = recipe_from_metadata({"coding": meta.get("coding", "")}, params)
+    """The teacher as a Predictor on `device` (default CPU), TEACHER_BATCH images at a time, as
+    its weights' recipe says (network, image size, output coding: a teacher from another trial
+    may differ from the student in all of them; params stand in, with a warning, for what an
+    older file does not record). Raises ChexopsError prefixed `clean.teacher:` when the file is
+    missing, not safetensors, or predicts other targets than params' (in order)."""
+    try:
+        recipe = read_recipe(path, params)
+        refuse(recipe, params, SCORED_KEYS, f"the teacher's weights {path}",
+               "use a teacher trained on params' targets, in the same order")
+        model, _ = load_model(path, recipe=recipe)
     except ChexopsError as exc:
         raise ChexopsError(f"clean.teacher: {exc}") from None
-    model, _ = load_model(path, recipe=recipe)
+    warn_assumed(recipe, params, "chexops: clean.teacher", f"the teacher's weights {path}")
     device = device or torch.device("cpu")
-    return Predictor(model.to(device).eval(), recipe.targets, params.train.image_size, device,
-                     recipe.coding, batch=TEACHER_BATCH)
+    return Predictor(model.to(device).eval(), recipe.targets, recipe.image_size, device,
+                     recipe.coding, batch=TEACHER_BATCH, recipe=recipe)
 
 
 def teacher_identity(uri: str, path: Path) -> dict[str, str]:
@@ -82,10 +87,23 @@ def teacher_identity(uri: str, path: Path) -> dict[str, str]:
             "teacher_labels_from": path.name}
 
 
-def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
-               device: torch.device) -> tuple[Any, dict[str, str]]:
+def teacher_images(params: Params, root: Path, data: Any, rows: np.ndarray,
+                   image_paths: list[str], size: int) -> np.ndarray:
+    """The images of `rows` at the teacher's size: the training set's own when the sizes agree,
+    else decoded from the zip at `size` (once, into the shared image cache)."""
+    if size == params.train.image_size:
+        return data.images[data.image_rows(rows)]
+    from chexops.data.images import load_image_array
+
+    return load_image_array(root / paths.RAW_ZIP, [image_paths[r] for r in rows], size,
+                            image_cache_dir(root), params.runtime.workers)
+
+
+def self_train(params: Params, root: Path, data: Any, raw: np.ndarray, device: torch.device,
+               image_paths: list[str]) -> tuple[Any, dict[str, str]]:
     """U-SelfTrained: the teacher relabels the uncertain labels of the selftrained targets of
-    `data` (an ArraySet built from `raw`); returns the new set and the teacher's identity."""
+    `data` (an ArraySet built from `raw`, row i an image of the zip member image_paths[i]), seen
+    at the teacher's own image size; returns the new set and the teacher's identity."""
     import dataclasses
 
     columns = [j for j, t in enumerate(params.targets)
@@ -98,7 +116,8 @@ def self_train(params: Params, root: Path, data: Any, raw: np.ndarray,
     path = resolve_teacher(params.clean.teacher, root, store.tracking_uri(params, root))
     teacher = load_teacher(params, path, device)
     probs = np.zeros(raw.shape, dtype=np.float32)
-    probs[rows] = teacher.probabilities(data.images[data.image_rows(rows)])
+    probs[rows] = teacher.probabilities(teacher_images(params, root, data, rows, image_paths,
+                                                       teacher.image_size))
     labels, mask = relabel(data.labels, data.mask, raw, probs, columns, params.clean.teacher_labels)
     identity = {**teacher_identity(params.clean.teacher, path),
                 "teacher_mode": params.clean.teacher_labels, "teacher_relabelled": str(len(rows))}
