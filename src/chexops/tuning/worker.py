@@ -1,0 +1,190 @@
+"""One `chexops tune` worker: asks the study for a trial, runs it as a DVC experiment in a temp
+workspace, tells the study how it ended, until the study holds N finished (complete or pruned)
+trials. Any number of workers, on one machine or several, share a study through its storage.
+
+- A trial is `dvc exp run --temp -n <study>-t<number> -S param=value ...` (through
+  chexops.tuning.launch); its stages learn the trial from the environment (TUNE_*), so its
+  MLflow trial run is tagged with the study, number and values, and its rounds report to it.
+- While the trial runs, the worker records a heartbeat in the storage; a trial whose worker
+  died (no heartbeat for 2 x tune.heartbeat_s) is failed by the next worker that looks
+  (optuna.storages.fail_stale_trials), which then runs a trial in its place.
+- Exactly N: a worker starts a trial only while finished + running trials < N, and gives a trial
+  up at once (FAIL, user attribute chexops.surplus) when trials numbered before it already fill
+  N: two workers asking at the same instant cannot both take the last place.
+- The objective is read from the experiment's metrics/evaluate.json (validation only).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from chexops.config import Params
+from chexops.tracking import trial as mlflow_trial
+from chexops.tuning import results
+from chexops.tuning.report import pruned_after
+from chexops.tuning.space import experiment_name, set_args, suggest
+
+EXP_ATTR = "chexops.dvc_experiment"   # trial user attribute: its DVC experiment name
+RUN_ATTR = "chexops.mlflow_run_id"    # its MLflow trial run
+SURPLUS_ATTR = "chexops.surplus"      # asked when the study was already full: never ran
+WORKER_ATTR = "chexops.worker"        # <host>:<pid> of the worker that ran it
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class Worker:
+    params: Params
+    root: Path              # the main repository (where `dvc exp run` starts)
+    url: str                # the storage URL (absolute)
+    study: Any              # optuna.Study
+    storage: Any            # its RDBStorage (heartbeats)
+    n_trials: int
+    deadline: float | None  # time.monotonic() after which no trial starts
+
+    @property
+    def name(self) -> str:
+        return str(self.study.study_name)
+
+
+def run(worker: Worker) -> list[int]:
+    """Run trials until the study holds worker.n_trials finished ones (or the deadline passes);
+    returns the numbers of the trials this worker ran."""
+    ran: list[int] = []
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    while True:
+        optuna.storages.fail_stale_trials(worker.study)
+        states = [t.state for t in worker.study.get_trials(deepcopy=False)]
+        finished = sum(s in FINISHED for s in states)
+        if finished >= worker.n_trials:
+            return ran
+        if worker.deadline is not None and time.monotonic() > worker.deadline:
+            print(f"chexops tune: --timeout reached; {finished} of {worker.n_trials} trials "
+                  f"finished", file=sys.stderr)
+            return ran
+        if sum(s in OCCUPYING for s in states) >= worker.n_trials:
+            time.sleep(worker.params.tune.heartbeat_s)  # others' trials may yet fail
+            continue
+        with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we beat ourselves
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = worker.study.ask()
+        worker.storage.record_heartbeat(trial._trial_id)  # Optuna has no public trial id
+        if _surplus(worker, trial.number):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            worker.study.tell(trial, state=TrialState.FAIL)
+            continue
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        run_trial(worker, trial)
+        ran.append(trial.number)
+
+
+def _surplus(worker: Worker, number: int) -> bool:
+    """True when the trials numbered below `number` already fill the study."""
+    before = [t for t in worker.study.get_trials(deepcopy=False)
+              if t.number < number and t.state in OCCUPYING]
+    return len(before) >= worker.n_trials
+
+
+def trial_env(worker: Worker, trial: Any, values: dict[str, Any]) -> dict[str, str]:
+    """The environment of a trial's `dvc exp run`: this one plus the trial (TUNE_*)."""
+    return {**os.environ,
+            mlflow_trial.TUNE_STORAGE_ENV: worker.url,
+            mlflow_trial.TUNE_STUDY_ENV: worker.name,
+            mlflow_trial.TUNE_TRIAL_ENV: str(trial.number),
+            mlflow_trial.TUNE_TRIAL_ID_ENV: str(trial._trial_id),
+            mlflow_trial.TUNE_VALUES_ENV: json.dumps(values)}
+
+
+def run_trial(worker: Worker, trial: Any) -> TrialState:
+    """Sample, run the experiment, tell the study; returns the state told."""
+    values = suggest(trial, worker.params.tune.space)
+    name = experiment_name(worker.name, trial.number)
+    trial.set_user_attr(EXP_ATTR, name)
+    print(f"chexops tune: trial {trial.number} ({name}): "
+          + ", ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+    args = ["--wait-for-lock", "exp", "run", "--temp", "-n", name, *set_args(values)]
+    try:
+        code = launch(worker, name, args, trial_env(worker, trial, values), trial._trial_id)
+    except BaseException:
+        worker.study.tell(trial, state=TrialState.FAIL)
+        raise
+    if code == 0:
+        return _tell_finished(worker, trial, name)
+    after = pruned_after(worker.storage, trial._trial_id)
+    if after is None:
+        print(f"chexops tune: trial {trial.number} failed (dvc exit {code}); see its output "
+              f"above", file=sys.stderr)
+        worker.study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    _note_run(worker, trial)
+    worker.study.tell(trial, state=TrialState.PRUNED)
+    print(f"chexops tune: trial {trial.number} pruned after round {after}", file=sys.stderr)
+    if worker.params.tune.keep_pruned:  # its rounds so far, restored from DVC's run cache
+        keep = ["--wait-for-lock", "exp", "run", "--temp", "-n", name, *set_args(values),
+                f"train-round-{after}"]
+        launch(worker, name, keep, dict(os.environ), trial._trial_id)
+    return TrialState.PRUNED
+
+
+def _note_run(worker: Worker, trial: Any) -> None:
+    """Record the trial's MLflow trial run on it (none when DVC restored every stage)."""
+    run_id = results.trial_run_id(worker.params, worker.root, worker.name, trial.number)
+    if run_id:
+        trial.set_user_attr(RUN_ATTR, run_id)
+
+
+def _tell_finished(worker: Worker, trial: Any, name: str) -> TrialState:
+    _note_run(worker, trial)
+    metrics = results.experiment_metrics(worker.root, name)
+    value, why = results.objective(worker.params, metrics)
+    if value is None:
+        print(f"chexops tune: trial {trial.number}: {why}; marked failed", file=sys.stderr)
+        worker.study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    worker.study.tell(trial, value)
+    print(f"chexops tune: trial {trial.number} ({name}): {results.metric_name(worker.params)} "
+          f"= {value:.4f}", file=sys.stderr)
+    return TrialState.COMPLETE
+
+
+def launch(worker: Worker, name: str, args: list[str], env: dict[str, str], trial_id: int) -> int:
+    """Run `dvc ARGS` through the launcher in its own process group, recording the trial's
+    heartbeat meanwhile; on an interruption the whole group is stopped. Returns dvc's exit code."""
+    cmd = [sys.executable, "-m", "chexops.tuning.launch", name, *args]
+    proc = subprocess.Popen(cmd, cwd=worker.root, env=env, start_new_session=True)
+    beat = worker.params.tune.heartbeat_s
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=beat)
+            except subprocess.TimeoutExpired:
+                worker.storage.record_heartbeat(trial_id)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the launcher's group (dvc and the stage it runs), SIGKILL what is left of it
+    after a grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_GRACE_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
