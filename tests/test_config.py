@@ -251,6 +251,17 @@ def test_a_search_that_no_longer_fits_the_params_stops_the_search_not_the_pipeli
         validate_tune(params)
 
 
+def test_a_password_in_the_study_storage_is_refused_for_every_stage():
+    raw = copy.deepcopy(DEFAULT)
+    raw["tune"]["storage"] = "postgresql://tune:s3cret@db.internal/optuna"
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)  # every stage logs its params: the password would be in MLflow
+    assert str(info.value).startswith("tune.storage: postgresql://db.internal/optuna holds a password")
+    assert "s3cret" not in str(info.value)
+    raw["tune"]["storage"] = "postgresql://tune@db.internal/optuna"
+    assert params_from_dict(raw).tune.storage == "postgresql://tune@db.internal/optuna"
+
+
 def test_the_shipped_search_is_valid_and_names_no_dvc_dependency():
     params = load_params(REPO / "params.yaml")
     validate_tune(params)

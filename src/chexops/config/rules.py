@@ -53,6 +53,18 @@ def validate(p: Params) -> None:
     _validate_model(p, need)
     _validate_runtime(p, need)
     _validate_rounds(p, need)
+    need(not _has_password(p.tune.storage),
+         f"tune.storage: {redact_url(p.tune.storage)} holds a password, which would be stored in "
+         f"git and logged with the params; put it in ~/.pgpass or PGPASSWORD (docs/TEAM.md)")
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:  # not a URL at all: validate_tune says so
+        return False
 
 
 def _validate_clean(p: Params, need: Any) -> None:
