@@ -55,3 +55,26 @@ def test_a_trials_stages_learn_it_from_the_environment(study_worker):
     assert env[mlflow_trial.TUNE_TRIAL_ID_ENV] == str(trial._trial_id)
     assert json.loads(env[mlflow_trial.TUNE_VALUES_ENV]) == {"rounds.r2.lr": 1e-4,
                                                              "train.augment.preset": "none"}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trial_stays_alive_from_ask_to_tell_and_goes_stale_after(tmp_path):
+    """The heartbeat runs through the whole trial, also while its worker reads the results after
+    dvc ended (seconds of MLflow and git under load): another worker must not fail it then."""
+    import time
+
+    import optuna
+
+    params = load_params(REPO / "params.yaml")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    store = storage.open_storage(url, heartbeat_s=1)
+    study = storage.load_study(params, url, "s", store)
+    other = storage.load_study(params, url, "s", storage.open_storage(url, heartbeat_s=1))
+    trial = study.ask()
+    with worker.heartbeat(store, trial._trial_id, 1):
+        time.sleep(3.5)  # past the grace period (2 s): only the heartbeat keeps it running
+        optuna.storages.fail_stale_trials(other)
+        assert other.get_trials()[0].state == TrialState.RUNNING
+    time.sleep(3.5)  # its worker is gone
+    optuna.storages.fail_stale_trials(other)
+    assert other.get_trials()[0].state == TrialState.FAIL

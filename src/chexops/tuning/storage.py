@@ -49,6 +49,17 @@ def _creation_lock(url: str) -> contextlib.AbstractContextManager:
     return FileLock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
 
 
+def _enable_wal(url: str) -> None:
+    """WAL lets the workers' and rounds' reads go on while one of them writes (a heartbeat
+    must not wait behind a reader); the mode stays with the file."""
+    import sqlite3
+
+    db = sqlite_file(url)
+    if db is not None:
+        with contextlib.closing(sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_S)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+
+
 def open_storage(url: str, heartbeat_s: int | None = None) -> "RDBStorage":
     """The study storage at `url`, its tables made if new. With `heartbeat_s`, a trial whose
     worker records no heartbeat for 2 x heartbeat_s is stale and later failed
@@ -65,8 +76,10 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> "RDBStorage":
     try:
         with _creation_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                              grace_period=2 * heartbeat_s if heartbeat_s else None)
+            storage = RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                 grace_period=2 * heartbeat_s if heartbeat_s else None)
+            _enable_wal(url)
+            return storage
     except ImportError as exc:
         raise ChexopsError(f"tune.storage {redact_url(url)}: its database driver is not installed "
                            f"({exc.name or exc}); pip install it (docs/TEAM.md: psycopg2-binary "

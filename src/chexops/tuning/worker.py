@@ -5,8 +5,9 @@ trials. Any number of workers, on one machine or several, share a study through 
 - A trial is `dvc exp run --temp -n <study>-t<number> -S param=value ...` (through
   chexops.tuning.launch); its stages learn the trial from the environment (TUNE_*), so its
   MLflow trial run is tagged with the study, number and values, and its rounds report to it.
-- While the trial runs, the worker records a heartbeat in the storage; a trial whose worker
-  died (no heartbeat for 2 x tune.heartbeat_s) is failed by the next worker that looks
+- From ask to tell, a thread of the worker records the trial's heartbeat in the storage (Optuna
+  does this inside Study.optimize only); a trial whose worker died (no heartbeat for
+  2 x tune.heartbeat_s) is failed by the next worker that looks
   (optuna.storages.fail_stale_trials), which then runs a trial in its place.
 - Exactly N: a worker starts a trial only while finished + running trials < N, and gives a trial
   up at once (FAIL, user attribute chexops.surplus) when trials numbered before it already fill
@@ -22,16 +23,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.trial import TrialState
 
 from chexops.config import Params
+from chexops.errors import ChexopsError
 from chexops.tracking import trial as mlflow_trial
 from chexops.tuning import results
 from chexops.tuning.report import pruned_after
@@ -44,6 +47,7 @@ WORKER_ATTR = "chexops.worker"        # <host>:<pid> of the worker that ran it
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 STOP_GRACE_S = 20.0
+FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing stops instead of failing them all
 
 
 @dataclass
@@ -65,6 +69,7 @@ def run(worker: Worker) -> list[int]:
     """Run trials until the study holds worker.n_trials finished ones (or the deadline passes);
     returns the numbers of the trials this worker ran."""
     ran: list[int] = []
+    failed_in_a_row = 0
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     while True:
         optuna.storages.fail_stale_trials(worker.study)
@@ -82,14 +87,57 @@ def run(worker: Worker) -> list[int]:
         with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we beat ourselves
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = worker.study.ask()
-        worker.storage.record_heartbeat(trial._trial_id)  # Optuna has no public trial id
+        state = _run_beating(worker, trial)
+        if state is None:  # surplus: never ran
+            continue
+        ran.append(trial.number)
+        failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
+        if failed_in_a_row >= FAILURES_IN_A_ROW:
+            raise ChexopsError(f"{failed_in_a_row} trials in a row failed (the last: "
+                               f"{experiment_name(worker.name, trial.number)}); see their "
+                               f"output above, fix the cause and start the worker again")
+
+
+def _run_beating(worker: Worker, trial: Any) -> TrialState | None:
+    """run_trial with the trial's heartbeat recorded from its ask to its tell; None for a
+    surplus trial (given up at once). A trial another worker failed meanwhile (its heartbeat
+    lapsed) counts as failed."""
+    with heartbeat(worker.storage, trial._trial_id, worker.params.tune.heartbeat_s):
         if _surplus(worker, trial.number):
             trial.set_user_attr(SURPLUS_ATTR, True)
             worker.study.tell(trial, state=TrialState.FAIL)
-            continue
+            return None
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-        run_trial(worker, trial)
-        ran.append(trial.number)
+        try:
+            return run_trial(worker, trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            print(f"chexops tune: trial {trial.number} was marked failed by another worker "
+                  f"while it ran (its heartbeat lapsed)", file=sys.stderr)
+            return TrialState.FAIL
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Any, trial_id: int, interval_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat every interval_s from a thread while the block runs (the
+    storage's SQLAlchemy sessions are per thread); a failed write is reported and retried."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a busy database must not end the trial
+                print(f"chexops tune: warning: heartbeat not recorded ({exc})", file=sys.stderr)
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _surplus(worker: Worker, number: int) -> bool:
@@ -118,7 +166,7 @@ def run_trial(worker: Worker, trial: Any) -> TrialState:
           + ", ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
     args = ["--wait-for-lock", "exp", "run", "--temp", "-n", name, *set_args(values)]
     try:
-        code = launch(worker, name, args, trial_env(worker, trial, values), trial._trial_id)
+        code = launch(worker, name, args, trial_env(worker, trial, values))
     except BaseException:
         worker.study.tell(trial, state=TrialState.FAIL)
         raise
@@ -136,7 +184,9 @@ def run_trial(worker: Worker, trial: Any) -> TrialState:
     if worker.params.tune.keep_pruned:  # its rounds so far, restored from DVC's run cache
         keep = ["--wait-for-lock", "exp", "run", "--temp", "-n", name, *set_args(values),
                 f"train-round-{after}"]
-        launch(worker, name, keep, dict(os.environ), trial._trial_id)
+        if launch(worker, name, keep, dict(os.environ)) != 0:
+            print(f"chexops tune: warning: could not keep the experiment {name} of the pruned "
+                  f"trial {trial.number}", file=sys.stderr)
     return TrialState.PRUNED
 
 
@@ -161,18 +211,13 @@ def _tell_finished(worker: Worker, trial: Any, name: str) -> TrialState:
     return TrialState.COMPLETE
 
 
-def launch(worker: Worker, name: str, args: list[str], env: dict[str, str], trial_id: int) -> int:
-    """Run `dvc ARGS` through the launcher in its own process group, recording the trial's
-    heartbeat meanwhile; on an interruption the whole group is stopped. Returns dvc's exit code."""
+def launch(worker: Worker, name: str, args: list[str], env: dict[str, str]) -> int:
+    """Run `dvc ARGS` through the launcher in its own process group; on an interruption the
+    whole group is stopped. Returns dvc's exit code."""
     cmd = [sys.executable, "-m", "chexops.tuning.launch", name, *args]
     proc = subprocess.Popen(cmd, cwd=worker.root, env=env, start_new_session=True)
-    beat = worker.params.tune.heartbeat_s
     try:
-        while True:
-            try:
-                return proc.wait(timeout=beat)
-            except subprocess.TimeoutExpired:
-                worker.storage.record_heartbeat(trial_id)
+        return proc.wait()
     except BaseException:
         _stop(proc)
         raise
