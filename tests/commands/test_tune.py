@@ -61,6 +61,14 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, args, message):
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+def test_another_params_file_is_refused(tmp_path, capsys):
+    root = make_repo(tmp_path)
+    (root / "other.yaml").write_text((root / "params.yaml").read_text())
+    code = cli.main(["--root", str(root), "--params", "other.yaml", "tune", "--trials", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--params other.yaml: the trials run `dvc exp run -S`" in err[0]
+
+
 def test_outside_the_pipelines_repository_it_refuses(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     code, err = tune(tmp_path, capsys)

@@ -222,3 +222,22 @@ def test_the_tune_launcher_runs_dvc_in_process_and_counts_as_the_dvc_process():
     assert trial._is_dvc(["/venv/bin/dvc", "exp", "run"]) and trial._is_dvc([python, "-m", "dvc"])
     assert not trial._is_dvc([python, "-m", "chexops.cli", "tune"])
     assert not trial._is_dvc([python, "-m"])
+
+
+def test_an_orphaned_tuning_trial_ended_between_stages_is_failed(repo, params, monkeypatch):
+    """A tune worker killed between two stages: the trial is not a partial `dvc repro`, it failed."""
+    dead = f"{socket.gethostname()}:999999998:12.00"  # no such process
+    under_dvc(monkeypatch, dead)
+    monkeypatch.setenv(trial.TUNE_STUDY_ENV, "s")
+    monkeypatch.setenv(trial.TUNE_TRIAL_ENV, "0")
+    with tracking.stage_run(params, repo, "download") as first:
+        pass
+    for key in (trial.TUNE_STUDY_ENV, trial.TUNE_TRIAL_ENV):
+        monkeypatch.delenv(key)
+    under_dvc(monkeypatch, alive_key())
+    with tracking.stage_run(params, repo, "clean"):
+        pass
+    ended = client(repo).get_run(first.trial_id)
+    assert ended.info.status == "FAILED"
+    assert "ended between two stages" in ended.data.tags["chexops.error"]
+    assert "chexops.partial" not in ended.data.tags

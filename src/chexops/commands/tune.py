@@ -30,6 +30,9 @@ def _settings(args: argparse.Namespace, params: Params, root: Path) -> Params:
         raise ChexopsError(f"--trials {args.trials}: give the number of trials, at least 1")
     if args.timeout is not None and args.timeout <= 0:
         raise ChexopsError(f"--timeout {args.timeout}: give seconds > 0")
+    if (root / args.params).resolve() != (root / "params.yaml").resolve():
+        raise ChexopsError(f"--params {args.params}: the trials run `dvc exp run -S`, which "
+                           f"changes params.yaml; put the search in params.yaml's tune section")
     if args.study is not None:
         params = dataclasses.replace(params, tune=dataclasses.replace(params.tune, study=args.study))
     validate_tune(params)

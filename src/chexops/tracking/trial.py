@@ -101,8 +101,16 @@ def _children(client: "MlflowClient", exp_id: str, trial_id: str) -> list:
 
 def _end_orphan(client: "MlflowClient", exp_id: str, trial_id: str) -> None:
     """End a trial whose dvc process is gone: FAILED with the stage that was running (or had
-    failed) when it ended, else FINISHED and tagged partial (evaluate never ran in it)."""
+    failed) when it ended, else FINISHED and tagged partial (evaluate never ran in it) -- but
+    FAILED for a tuning trial, which always runs the whole pipeline unless it is pruned."""
     kids = _children(client, exp_id, trial_id)
+    if STUDY_TAG in client.get_run(trial_id).data.tags and not any(
+            k.info.status in ("RUNNING", "FAILED", "KILLED") for k in kids):
+        client.set_tag(trial_id, "chexops.error",
+                       "its dvc process ended between two stages (its tune worker was killed)")
+        ends = [k.info.end_time for k in kids if k.info.end_time] or [int(time.time() * 1000)]
+        client.set_terminated(trial_id, "FAILED", end_time=max(ends))
+        return
     cut = [k for k in kids if k.info.status in ("RUNNING", "FAILED", "KILLED")]
     now = int(time.time() * 1000)  # when a killed stage is noticed: its true end is unknown
     ends = [now if k.info.status == "RUNNING" else k.info.end_time or now for k in kids] or [now]

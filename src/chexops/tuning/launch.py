@@ -15,8 +15,8 @@ its worker dies, so a killed worker leaves nothing training and no experiment sh
 from __future__ import annotations
 
 import os
-import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -57,9 +57,14 @@ def _take_one(lock: FileLock, name: str, workspaces: list[str]) -> None:
     TempDirQueue.get = get_once  # type: ignore[method-assign]
 
 
+# removes the temp workspaces once the launcher is gone (dvc would write on into them meanwhile)
+CLEANUP = ("import shutil, sys, time; time.sleep(2); "
+           "[shutil.rmtree(p, ignore_errors=True) for p in sys.argv[1:]]")
+
+
 def _die_with_parent(workspaces: list[str]) -> None:
     """When the worker that started this launcher is gone (reparented): kill what it runs,
-    remove its temp workspace, exit."""
+    exit, and leave a detached process to remove its temp workspace."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -70,8 +75,10 @@ def _die_with_parent(workspaces: list[str]) -> None:
                 child.send_signal(signal.SIGKILL)
             except psutil.Error:
                 continue
-        for folder in workspaces:
-            shutil.rmtree(folder, ignore_errors=True)
+        if workspaces:
+            subprocess.Popen([sys.executable, "-c", CLEANUP, *workspaces], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
         os._exit(128 + signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
