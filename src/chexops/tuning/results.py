@@ -19,8 +19,13 @@ from chexops.redact import redact_url
 from chexops.tracking import git
 from chexops.tracking.store import StageRun, open_store
 from chexops.tracking.trial import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_TAG
+from chexops.tuning.report import PRUNED_AFTER
 
 SUMMARY_TAG = "chexops.tune.summary"
+EXP_ATTR = "chexops.dvc_experiment"   # trial user attributes: its DVC experiment name,
+RUN_ATTR = "chexops.mlflow_run_id"    # its MLflow trial run,
+WORKER_ATTR = "chexops.worker"        # <host>:<pid> of the worker that ran it,
+SURPLUS_ATTR = "chexops.surplus"      # set when it was asked with the study full (never ran)
 REPORT_DIR = Path("reports/tune")
 PLOTS = {"optimization_history.png": "plot_optimization_history",
          "param_importances.png": "plot_param_importances",
@@ -76,9 +81,9 @@ def summary(params: Params, study: Any, url: str) -> dict[str, Any]:
 
     trials = study.get_trials(deepcopy=False)
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "experiment": t.user_attrs.get("chexops.dvc_experiment"),
-             "mlflow_run_id": t.user_attrs.get("chexops.mlflow_run_id"),
-             "pruned_after_round": t.user_attrs.get("chexops.pruned_after_round"),
+             "experiment": t.user_attrs.get(EXP_ATTR),
+             "mlflow_run_id": t.user_attrs.get(RUN_ATTR),
+             "pruned_after_round": t.user_attrs.get(PRUNED_AFTER),
              "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
             for t in trials]
     complete = [r for r in rows if r["state"] == TrialState.COMPLETE.name]

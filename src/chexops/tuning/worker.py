@@ -2,7 +2,7 @@
 workspace, tells the study how it ended, until the study holds N finished (complete or pruned)
 trials. Any number of workers, on one machine or several, share a study through its storage.
 
-- A trial is `dvc exp run --temp -n <study>-t<number> -S param=value ...` (through
+- A trial is `dvc exp run --temp -n <study>-t<number> -S ++param=value ...` (through
   chexops.tuning.launch); its stages learn the trial from the environment (TUNE_*), so its
   MLflow trial run is tagged with the study, number and values, and its rounds report to it.
 - From ask to tell, a thread of the worker records the trial's heartbeat in the storage (Optuna
@@ -38,12 +38,9 @@ from chexops.errors import ChexopsError
 from chexops.tracking import trial as mlflow_trial
 from chexops.tuning import results
 from chexops.tuning.report import pruned_after
+from chexops.tuning.results import EXP_ATTR, RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR
 from chexops.tuning.space import experiment_name, set_args, suggest
 
-EXP_ATTR = "chexops.dvc_experiment"   # trial user attribute: its DVC experiment name
-RUN_ATTR = "chexops.mlflow_run_id"    # its MLflow trial run
-SURPLUS_ATTR = "chexops.surplus"      # asked when the study was already full: never ran
-WORKER_ATTR = "chexops.worker"        # <host>:<pid> of the worker that ran it
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 STOP_GRACE_S = 20.0
