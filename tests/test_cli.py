@@ -1,5 +1,5 @@
 """The console entry point: its parser is built from chexops.commands.arguments alone, so
-`chexops --help` and a bad params file answer without importing torch, mlflow or pandas."""
+`chexops --help` and a bad params file answer without importing torch, mlflow, pandas or optuna."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from chexops import cli
 
 def test_building_the_parser_imports_no_heavy_library():
     code = ("import sys, json; from chexops import cli; cli._parser(); "
-            "print(json.dumps([m for m in ('torch', 'mlflow', 'pandas', 'timm') "
+            "print(json.dumps([m for m in ('torch', 'mlflow', 'pandas', 'timm', 'optuna') "
             "if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from chexops.config import ConfigError, flatten, load_params, params_from_dict, to_dict
+from chexops.config.rules import validate_tune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -161,3 +162,110 @@ def test_augment_presets_are_within_the_bounds():
 def test_default_and_profile_synthetic_seed_is_42():
     for path in ("params.yaml", "profiles/chexpert-seed.yaml"):
         assert load_params(REPO / path).data.synthetic.seed == 42
+
+
+# ---------------------------------------------------------------- tune: the search
+
+def with_space(space: dict, **tune) -> dict:
+    raw = copy.deepcopy(DEFAULT)
+    raw["tune"] = {**raw["tune"], **tune, "space": space}
+    return raw
+
+
+@pytest.mark.parametrize("space,tune,message", [
+    # an unknown param, a section, a param that changes no result
+    ({"train.lrr": {"uniform": [0.1, 0.2]}}, {}, "tune.space: unknown param 'train.lrr'"),
+    ({"rounds.r9.lr": {"uniform": [0.1, 0.2]}}, {}, "unknown param 'rounds.r9.lr'"),
+    ({"lr.x": {"uniform": [0.1, 0.2]}}, {}, "unknown param 'lr.x'"),
+    ({"runtime.threads": {"integer": [1, 2]}}, {}, "unknown param 'runtime.threads'"),
+    ({"tune.heartbeat_s": {"integer": [1, 2]}}, {}, "unknown param 'tune.heartbeat_s'"),
+    ({"train.augment": {"choice": ["none"]}}, {}, "tune.space: 'train.augment' is a whole section"),
+    # an empty or reversed range, a log range from 0
+    ({"lr": {"log_uniform": [1e-3, 1e-3]}}, {},
+     "tune.space.lr.log_uniform: range [0.001, 0.001] is empty or reversed"),
+    ({"lr": {"uniform": [0.2, 0.1]}}, {}, "tune.space.lr.uniform: range [0.2, 0.1] is empty or reversed"),
+    ({"train.batch_size": {"integer": [32, 8]}}, {}, "range [32, 8] is empty or reversed"),
+    ({"lr": {"log_uniform": [0, 1e-2]}}, {}, "tune.space.lr.log_uniform: a log range needs lo > 0"),
+    ({"lr": {"uniform": [0.1]}}, {}, "tune.space.lr.uniform: expected a list of 2 values"),
+    # a distribution that does not exist, none or two given
+    ({"lr": {"gaussian": [0.1, 0.2]}}, {},
+     "unknown key tune.space.lr.gaussian in params.yaml; "
+     "known keys here: choice, integer, log_integer, log_uniform, uniform"),
+    ({"lr": {}}, {}, "tune.space.lr: give exactly one distribution of uniform, log_uniform, integer, "
+                     "log_integer, choice; got none"),
+    ({"lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}, {}, "got uniform, choice"),
+    ({"lr": [1e-4, 1e-2]}, {}, "tune.space.lr: expected a mapping"),
+    # values the param's own rules refuse
+    ({"lr": {"uniform": [-1.0, 1.0]}}, {}, "tune.space.lr: -1.0 is not a valid value (lr: must be > 0"),
+    ({"train.batch_size": {"uniform": [8, 32]}}, {}, "tune.space.train.batch_size: 8.0 is not a valid value"),
+    ({"train.augment.preset": {"choice": ["none", "heavy"]}}, {},
+     "tune.space.train.augment.preset: 'heavy' is not a valid value (train.augment.preset: unknown preset"),
+    ({"clean.uncertainty.Edema": {"choice": ["ones", "maybe"]}}, {}, "'maybe' is not a valid value"),
+    ({"train.augment.preset": {"choice": ["none", "none"]}}, {}, "give one or more distinct values"),
+    ({"train.augment.preset": {"choice": ["none", "off"]}}, {},
+     "tune.space.train.augment.preset.choice: 'off' would read back from YAML as False"),
+    # the study's settings
+    ({}, {"study": "my study"}, "tune.study: 'my study' must be 1-64 letters"),
+    ({}, {"study": "a..b"}, "tune.study: 'a..b'"),
+    ({}, {"storage": "optuna.db"}, "tune.storage: 'optuna.db' is not a database URL"),
+    ({}, {"storage": "redis://h/0"}, "is not a database URL"),
+    ({}, {"metric": "test.auroc"}, "tune.metric: 'test.auroc' is not a validation metric of evaluate"),
+    ({}, {"metric": "Cardiomegaly"}, "tune.metric: 'Cardiomegaly' is not a validation metric"),
+    ({}, {"metric": "mean.auroc"}, "group one of Cardiomegaly"),
+    ({}, {"direction": "up"}, "tune.direction: 'up' must be maximize or minimize"),
+    ({}, {"direction": "minimize"}, "pruning needs tune.direction: maximize"),
+    ({}, {"sampler": {"kind": "grid"}}, "tune.sampler.kind: 'grid' must be tpe or random"),
+    ({}, {"pruner": {"kind": "hyperband"}}, "tune.pruner.kind: 'hyperband' must be median or none"),
+    ({}, {"pruner": {"kind": "median", "warmup_rounds": -1}}, "tune.pruner.warmup_rounds: -1 must be >= 0"),
+    ({}, {"heartbeat_s": 0}, "tune.heartbeat_s: 0 must be >= 1 second"),
+])
+def test_a_bad_search_is_one_line_naming_the_key(space, tune, message):
+    with pytest.raises(ConfigError) as info:
+        validate_tune(params_from_dict(with_space(space, **tune)))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_good_search_space_reaches_any_value_of_params():
+    space = {"lr": {"log_uniform": [1e-4, 1e-2]},
+             "rounds.r2.lr": {"log_uniform": [1e-5, 1e-3]},
+             "rounds.r5.resample.seed": {"integer": [0, 9]},   # r5 draws no sample: made
+             "train.batch_size": {"log_integer": [8, 32]},
+             "clean.uncertainty.Edema": {"choice": ["ones", "zeros"]},
+             "train.pos_weight": {"choice": [None, 2.0]},
+             "model.bn_final": {"choice": [True, False]}}
+    params = params_from_dict(with_space(space, direction="minimize", metric="Cardiomegaly.error_rate",
+                                         pruner={"kind": "none"}))
+    validate_tune(params)
+    assert list(params.tune.space) == list(space)
+    assert params.tune.space["rounds.r2.lr"].log_uniform == (1e-5, 1e-3)
+    assert params.tune.space["train.pos_weight"].choice == (None, 2.0)
+    assert params.tune.metric == "Cardiomegaly.error_rate"
+
+
+def test_a_search_that_no_longer_fits_the_params_stops_the_search_not_the_pipeline():
+    raw = with_change("train.augment", {"preset": "custom", "rotate_deg": 10})
+    raw["tune"]["space"] = {"train.augment.preset": {"choice": ["none", "custom"]}}
+    params = params_from_dict(raw)  # every stage still loads its params
+    with pytest.raises(ConfigError, match="'none' is not a valid value .train.augment.rotate_deg"):
+        validate_tune(params)
+
+
+def test_a_password_in_the_study_storage_is_refused_for_every_stage():
+    raw = copy.deepcopy(DEFAULT)
+    raw["tune"]["storage"] = "postgresql://tune:s3cret@db.internal/optuna"
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)  # every stage logs its params: the password would be in MLflow
+    assert str(info.value).startswith("tune.storage: postgresql://db.internal/optuna holds a password")
+    assert "s3cret" not in str(info.value)
+    raw["tune"]["storage"] = "postgresql://tune@db.internal/optuna"
+    assert params_from_dict(raw).tune.storage == "postgresql://tune@db.internal/optuna"
+
+
+def test_the_shipped_search_is_valid_and_names_no_dvc_dependency():
+    params = load_params(REPO / "params.yaml")
+    validate_tune(params)
+    assert params.tune.space and params.tune.storage == "sqlite:///optuna.db"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = [p for s in stages.values() for p in s.get("params", [])]
+    assert not [p for p in declared if str(p).startswith("tune")]  # tuning changes no result

@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("chexops.inference",),
     ("chexops.tracking",),
     ("chexops.training",),
+    ("chexops.tuning",),
     ("chexops.stages", "chexops.commands"),
     ("chexops.cli", "chexops.__main__"),
 ]

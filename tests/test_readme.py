@@ -30,6 +30,7 @@ COVERED = {
     "chexops lr-find": "tests.training.test_lr_finder:test_lr_find_command_writes_the_plot_and_prints_the_suggestion",
     "dvc exp run --queue": "tests.pipeline.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
     "dvc queue start": "tests.pipeline.test_queue:test_queued_experiments_run_two_at_once_into_the_main_store",
+    "chexops tune": "tests.pipeline.test_tune:test_two_workers_share_one_study_without_losing_or_doubling_a_trial",
     "dvc push": "tests.tracking.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
     "dvc pull": "tests.tracking.test_remote:test_local_directory_remote_push_pull_and_repro_in_a_fresh_clone",
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chexops.commands import arguments
-from chexops.errors import ChexopsError
+from chexops.errors import ChexopsError, TrialPruned
 
 if TYPE_CHECKING:  # pragma: no cover
     from chexops.config import Params
@@ -40,7 +40,9 @@ COMMANDS = {
     "compare": ("chexops.commands.compare", "compare two trials: metrics with CIs, paired DeLong test"),
     "predict": ("chexops.commands.predict", "probabilities per image from a registered model or weights"),
     "champion": ("chexops.commands.champion", "set the registry alias champion to a model version"),
+    "tune": ("chexops.commands.tune", "hyperparameter search: Optuna trials as DVC experiments"),
 }
+PRUNED_EXIT = 3  # a tuning trial stopped by its pruner: not an error of the stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,8 +81,9 @@ def _fail_trial(params: Params, root: Path, stage: str, exc: BaseException) -> N
     from chexops.tracking import trial
 
     error = "interrupted" if isinstance(exc, KeyboardInterrupt) else trial.one_line(exc)
+    pruned = exc.after_round if isinstance(exc, TrialPruned) else None
     try:
-        trial.fail_trial(params, root, stage, error)
+        trial.fail_trial(params, root, stage, error, pruned_after=pruned)
     except Exception as failed:  # noqa: BLE001 - reported, never hides the stage's error
         print(f"chexops {stage}: warning: could not mark the trial run failed ({failed})",
               file=sys.stderr)
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _run(args)
+    except TrialPruned as exc:
+        print(f"chexops {args.command}: {exc}", file=sys.stderr)
+        return PRUNED_EXIT
     except ChexopsError as exc:
         print(f"chexops {args.command}: error: {exc}", file=sys.stderr)
         return 2

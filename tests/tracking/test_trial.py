@@ -185,3 +185,59 @@ def test_a_stage_run_logs_system_metrics(repo, params, monkeypatch):
     logged = client(repo).get_run(run.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in logged, sorted(logged)
     assert "system/system_memory_usage_megabytes" in logged, sorted(logged)
+
+
+def test_a_tuning_trial_carries_its_study_number_and_values(repo, params, monkeypatch):
+    under_dvc(monkeypatch, alive_key(), "s-t3")
+    monkeypatch.setenv(trial.TUNE_STUDY_ENV, "s")
+    monkeypatch.setenv(trial.TUNE_TRIAL_ENV, "3")
+    monkeypatch.setenv(trial.TUNE_VALUES_ENV, '{"rounds.r2.lr": 0.0004, "train.augment.preset": "light"}')
+    with tracking.stage_run(params, repo, "download") as first:
+        pass
+    tags = client(repo).get_run(first.trial_id).data.tags
+    assert tags[trial.STUDY_TAG] == "s" and tags[trial.TRIAL_NUMBER_TAG] == "3"
+    assert tags["chexops.tune.param.rounds.r2.lr"] == "0.0004"
+    assert tags["chexops.tune.param.train.augment.preset"] == "light"
+    for key in (trial.TUNE_STUDY_ENV, trial.TUNE_TRIAL_ENV, trial.TUNE_VALUES_ENV):
+        monkeypatch.delenv(key)
+    assert trial.tune_tags() == {}  # outside a study: no tune tags at all
+
+
+def test_a_pruned_trial_ends_killed_and_tagged_pruned(repo, params, monkeypatch):
+    under_dvc(monkeypatch, alive_key())
+    with tracking.stage_run(params, repo, "download") as first:
+        pass
+    assert trial.fail_trial(params, repo, "train-round-5", "pruned after round 4",
+                            pruned_after=4) == first.trial_id
+    ended = client(repo).get_run(first.trial_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags[trial.STATE_TAG] == "PRUNED"
+    assert ended.data.tags[trial.PRUNED_TAG] == "4"
+    assert "chexops.failed_stage" not in ended.data.tags  # pruned is not a failed stage
+
+
+def test_the_tune_launcher_runs_dvc_in_process_and_counts_as_the_dvc_process():
+    python = sys.executable
+    assert trial._is_dvc([python, "-m", "chexops.tuning.launch", "s-t0", "exp", "run"])
+    assert trial._is_dvc(["/venv/bin/dvc", "exp", "run"]) and trial._is_dvc([python, "-m", "dvc"])
+    assert not trial._is_dvc([python, "-m", "chexops.cli", "tune"])
+    assert not trial._is_dvc([python, "-m"])
+
+
+def test_an_orphaned_tuning_trial_ended_between_stages_is_failed(repo, params, monkeypatch):
+    """A tune worker killed between two stages: the trial is not a partial `dvc repro`, it failed."""
+    dead = f"{socket.gethostname()}:999999998:12.00"  # no such process
+    under_dvc(monkeypatch, dead)
+    monkeypatch.setenv(trial.TUNE_STUDY_ENV, "s")
+    monkeypatch.setenv(trial.TUNE_TRIAL_ENV, "0")
+    with tracking.stage_run(params, repo, "download") as first:
+        pass
+    for key in (trial.TUNE_STUDY_ENV, trial.TUNE_TRIAL_ENV):
+        monkeypatch.delenv(key)
+    under_dvc(monkeypatch, alive_key())
+    with tracking.stage_run(params, repo, "clean"):
+        pass
+    ended = client(repo).get_run(first.trial_id)
+    assert ended.info.status == "FAILED"
+    assert "ended between two stages" in ended.data.tags["chexops.error"]
+    assert "chexops.partial" not in ended.data.tags

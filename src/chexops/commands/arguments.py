@@ -68,3 +68,15 @@ def champion(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="registered model name (default: params' "
                                        "evaluate.model_name)")
     parser.add_argument("--version", help="model version to promote (default: the latest)")
+
+
+def tune(parser: argparse.ArgumentParser) -> None:
+    """`chexops tune`."""
+    parser.add_argument("--trials", type=int, required=True, metavar="N",
+                        help="finished (complete or pruned) trials the study should hold; "
+                             "every worker joining it runs trials until it does")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="seconds after which this worker starts no new trial "
+                             "(the one running finishes)")
+    parser.add_argument("--study", default=None, metavar="NAME",
+                        help="study name (default: tune.study in params.yaml)")

@@ -37,6 +37,8 @@ from chexops.config.schema import (
     SyntheticConfig,
     TrackingConfig,
     TrainConfig,
+    TuneConfig,
+    TuneDistribution,
 )
 
 __all__ = ["AUGMENT_BOUNDS", "AUGMENT_FIELDS", "AUGMENT_PRESETS", "MIN_BOOTSTRAP",
@@ -44,7 +46,8 @@ __all__ = ["AUGMENT_BOUNDS", "AUGMENT_FIELDS", "AUGMENT_PRESETS", "MIN_BOOTSTRAP
            "AugmentConfig", "CleanConfig", "ConfigError", "DataConfig", "EvaluateConfig",
            "LRFindConfig", "ModelConfig", "Params", "ResampleConfig", "ResampleDraw",
            "RoundConfig", "RuntimeConfig", "SyntheticConfig", "TrackingConfig", "TrainConfig",
-           "flatten", "load_params", "params_from_dict", "to_dict", "url_in_source_message"]
+           "TuneConfig", "TuneDistribution", "flatten", "load_params", "params_from_dict",
+           "to_dict", "url_in_source_message"]
 
 ON_OFF_KEYS = ("amp", "channels_last", "distributed")
 

@@ -163,6 +163,55 @@ class TrackingConfig:
     artifacts: str = "mlartifacts"  # embedded artifact folder, relative to the repo root
 
 
+TUNE_SAMPLERS = ("tpe", "random")
+TUNE_PRUNERS = ("median", "none")
+TUNE_DIRECTIONS = ("maximize", "minimize")
+TUNE_STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+# params a search must not touch: how to run, where to log, the search itself (no result changes)
+TUNE_FORBIDDEN = ("runtime", "tracking", "tune")
+
+
+@dataclass(frozen=True)
+class TuneDistribution:
+    """One searched param's distribution: exactly one field set (Optuna's suggest_float,
+    suggest_int and suggest_categorical; log spaces need lo > 0)."""
+    uniform: tuple[float, float] | None = None        # [lo, hi], lo < hi
+    log_uniform: tuple[float, float] | None = None    # [lo, hi], 0 < lo < hi
+    integer: tuple[int, int] | None = None            # [lo, hi] whole numbers, lo < hi
+    log_integer: tuple[int, int] | None = None        # [lo, hi] whole numbers, 0 < lo < hi
+    choice: tuple[Union[bool, int, float, str, None], ...] | None = None  # 2+ distinct values
+
+
+@dataclass(frozen=True)
+class TuneSampler:
+    kind: str = "tpe"              # tpe | random
+    seed: int | None = None        # null: the top-level `seed`
+    startup_trials: int = 10       # TPE: random trials before it models the results
+
+
+@dataclass(frozen=True)
+class TunePruner:
+    """Stops a trial after a round whose best validation AUROC falls below the median of the
+    finished trials' at that round (Optuna's MedianPruner)."""
+    kind: str = "median"           # median | none
+    startup_trials: int = 2        # finished trials before any pruning
+    warmup_rounds: int = 0         # no pruning on a round number below this
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`chexops tune`: not a DVC dependency of any stage (it never changes a result)."""
+    study: str = "chexops"                  # default study name (git-ref safe: names experiments)
+    storage: str = "sqlite:///optuna.db"    # Optuna storage URL; relative sqlite: main repo root
+    metric: str = "auto"                    # validation metric of evaluate: <target>.<key> | mean.<key>
+    direction: str = "maximize"             # maximize | minimize
+    sampler: TuneSampler = field(default_factory=TuneSampler)
+    pruner: TunePruner = field(default_factory=TunePruner)
+    keep_pruned: bool = False               # keep a pruned trial's DVC experiment (its rounds so far)
+    heartbeat_s: int = 30                   # a trial whose worker is silent for 2x this is failed
+    space: dict[str, TuneDistribution] = field(default_factory=dict)  # dotted param -> distribution
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 42
@@ -177,6 +226,7 @@ class Params:
     rounds: dict[str, RoundConfig] = field(default_factory=dict)  # keys r1..r5
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def round(self, k: int) -> RoundConfig:
         """Round k (1-based); round 1's lr defaults to the top-level `lr`."""

@@ -34,11 +34,15 @@ from chexops.tracking import runs as tracking
 from chexops.training import checkpoint, distributed, rounds
 from chexops.training.loop import train_round
 from chexops.training.teacher import resolve_teacher
+from chexops.tuning import report as tune_report
 
 
 def run(args: argparse.Namespace, params: Params, root: Path) -> None:
     """`runtime.distributed: torchrun` re-launches this command under torchrun (so `dvc repro`
-    still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank."""
+    still drives it); inside torchrun (or a torchrun started by hand) it trains as one rank.
+    In a `chexops tune` trial that its pruner stopped after an earlier round, raises TrialPruned
+    before anything trains."""
+    tune_report.stop_if_pruned(args.k)
     if params.runtime.distributed == "torchrun" and not distributed.under_torchrun():
         params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
         cli = ["--params", str(params_path), "--root", str(root), "train-round", str(args.k)]
@@ -135,3 +139,4 @@ def _train(params: Params, root: Path, k: int, device, start: _Start, train, val
             else f"best epoch {result.best_epoch}")
     print(f"train-round-{k}: {what}, validation AUROC {result.best_metrics['auroc']:.4f}",
           file=sys.stderr)
+    tune_report.report_round(params, k, result.best_metrics["auroc"])  # in a tuning trial

@@ -11,6 +11,10 @@ DVC_STAGE in a stage command's environment): its host, pid and start time, the "
 A trial still RUNNING whose dvc process is gone (killed, or a `dvc repro <stage>` that ran only
 part of the pipeline) is ended by the next trial opened on the same host.
 
+A trial of a `chexops tune` study learns its study, number and sampled values from the
+environment the tune worker gives its `dvc exp run` (TUNE_* below) and carries them as tags; a
+trial its pruner stopped ends KILLED with the tag chexops.tune.state = PRUNED.
+
 mlflow is imported inside functions, so `chexops --help` stays fast.
 """
 from __future__ import annotations
@@ -35,13 +39,27 @@ if TYPE_CHECKING:  # pragma: no cover
 TRIAL_TAG = "chexops.trial"
 INVOCATION_TAG = "chexops.invocation"
 ERROR_CHARS = 500
+# how a stage learns that it runs in a `chexops tune` trial (set by the tune worker for dvc)
+TUNE_STORAGE_ENV = "CHEXOPS_TUNE_STORAGE"    # the study's storage URL (absolute)
+TUNE_STUDY_ENV = "CHEXOPS_TUNE_STUDY"        # the study's name
+TUNE_TRIAL_ENV = "CHEXOPS_TUNE_TRIAL"        # the trial's number in the study
+TUNE_TRIAL_ID_ENV = "CHEXOPS_TUNE_TRIAL_ID"  # the trial's id in the storage
+TUNE_VALUES_ENV = "CHEXOPS_TUNE_VALUES"      # JSON {param: sampled value}
+STUDY_TAG = "chexops.tune.study"
+TRIAL_NUMBER_TAG = "chexops.tune.trial"
+VALUE_TAG = "chexops.tune.param."            # + the param's dotted name
+STATE_TAG = "chexops.tune.state"
+PRUNED_TAG = "chexops.tune.pruned_after_round"
+# processes that run dvc in-process: `chexops tune` launches each trial's dvc through this one
+DVC_LAUNCHERS = ("chexops.tuning.launch",)
 
 
 # ---------------------------------------------------------------- the dvc command a stage runs in
 
 def _is_dvc(argv: list[str]) -> bool:
-    """True for `dvc ...` or `python -m dvc ...` (the console script or the module)."""
-    return any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]
+    """True for `dvc ...`, `python -m dvc ...` or a launcher that runs dvc in-process."""
+    return (any(Path(a).name == "dvc" for a in argv[:2])
+            or any(argv[1:3] == ["-m", module] for module in ("dvc", *DVC_LAUNCHERS)))
 
 
 def invocation_key() -> str | None:
@@ -83,8 +101,16 @@ def _children(client: "MlflowClient", exp_id: str, trial_id: str) -> list:
 
 def _end_orphan(client: "MlflowClient", exp_id: str, trial_id: str) -> None:
     """End a trial whose dvc process is gone: FAILED with the stage that was running (or had
-    failed) when it ended, else FINISHED and tagged partial (evaluate never ran in it)."""
+    failed) when it ended, else FINISHED and tagged partial (evaluate never ran in it) -- but
+    FAILED for a tuning trial, which always runs the whole pipeline unless it is pruned."""
     kids = _children(client, exp_id, trial_id)
+    if STUDY_TAG in client.get_run(trial_id).data.tags and not any(
+            k.info.status in ("RUNNING", "FAILED", "KILLED") for k in kids):
+        client.set_tag(trial_id, "chexops.error",
+                       "its dvc process ended between two stages (its tune worker was killed)")
+        ends = [k.info.end_time for k in kids if k.info.end_time] or [int(time.time() * 1000)]
+        client.set_terminated(trial_id, "FAILED", end_time=max(ends))
+        return
     cut = [k for k in kids if k.info.status in ("RUNNING", "FAILED", "KILLED")]
     now = int(time.time() * 1000)  # when a killed stage is noticed: its true end is unknown
     ends = [now if k.info.status == "RUNNING" else k.info.end_time or now for k in kids] or [now]
@@ -132,11 +158,22 @@ def open_trial(client: "MlflowClient", exp_id: str, params: Params) -> str | Non
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro-%Y%m%d-%H%M%S")
     trial = StageRun(client, client.create_run(exp_id, run_name=name, tags={
         TRIAL_TAG: "true", INVOCATION_TAG: key}).info.run_id, exp_id)
-    trial.set_tags({"dvc.exp_name": os.environ.get("DVC_EXP_NAME")})
+    trial.set_tags({"dvc.exp_name": os.environ.get("DVC_EXP_NAME"), **tune_tags()})
     trial.log_params(flatten(to_dict(params)))
     print(f"chexops: trial run {trial.run_id} ({name}) opened in {redact_url(client.tracking_uri)}",
           file=sys.stderr)
     return trial.run_id
+
+
+def tune_tags() -> dict[str, str]:
+    """The tags of a `chexops tune` trial (study, number, each sampled value) from the
+    environment; empty outside a study."""
+    study = os.environ.get(TUNE_STUDY_ENV, "").strip()
+    if not study:
+        return {}
+    values = json.loads(os.environ.get(TUNE_VALUES_ENV) or "{}")
+    return {STUDY_TAG: study, TRIAL_NUMBER_TAG: os.environ.get(TUNE_TRIAL_ENV, ""),
+            **{f"{VALUE_TAG}{name}": str(value) for name, value in values.items()}}
 
 
 def one_line(exc: BaseException) -> str:
@@ -145,17 +182,24 @@ def one_line(exc: BaseException) -> str:
     return redact_text(text)[:ERROR_CHARS]
 
 
-def fail_trial(params: Params, root: str | Path, stage: str, error: str) -> str | None:
-    """Mark this DVC command's running trial FAILED in `stage` with `error` (one line); returns
-    its id, or None when the stage runs outside DVC or no trial was opened."""
+def fail_trial(params: Params, root: str | Path, stage: str, error: str,
+               pruned_after: int | None = None) -> str | None:
+    """Mark this DVC command's running trial FAILED in `stage` with `error` (one line), or, for
+    a tuning trial its pruner stopped after round `pruned_after`, KILLED and tagged PRUNED;
+    returns its id, or None when the stage runs outside DVC or no trial was opened."""
     key = invocation_key()
     if key is None:
         return None
     client, exp_id = open_store(params, root)
     trial_id = _running_trial(client, exp_id, key)
-    if trial_id is not None:
-        client.set_tag(trial_id, "chexops.failed_stage", stage)
-        client.set_tag(trial_id, "chexops.error", error)
+    if trial_id is None:
+        return None
+    run = StageRun(client, trial_id, exp_id)
+    if pruned_after is not None:
+        run.set_tags({STATE_TAG: "PRUNED", PRUNED_TAG: pruned_after, "chexops.error": error})
+        client.set_terminated(trial_id, "KILLED")
+    else:
+        run.set_tags({"chexops.failed_stage": stage, "chexops.error": error})
         client.set_terminated(trial_id, "FAILED")
     return trial_id
 
