@@ -99,22 +99,20 @@ def _children(client: "MlflowClient", exp_id: str, trial_id: str) -> list:
                               max_results=1000)
 
 
-def _end_orphan(client: "MlflowClient", exp_id: str, trial_id: str) -> None:
-    """End a trial whose dvc process is gone: FAILED with the stage that was running (or had
+def _end_orphan(client: "MlflowClient", exp_id: str, trial: Any) -> None:
+    """End a trial run whose dvc process is gone: FAILED with the stage that was running (or had
     failed) when it ended, else FINISHED and tagged partial (evaluate never ran in it) -- but
     FAILED for a tuning trial, which always runs the whole pipeline unless it is pruned."""
+    trial_id = trial.info.run_id
     kids = _children(client, exp_id, trial_id)
-    if STUDY_TAG in client.get_run(trial_id).data.tags and not any(
-            k.info.status in ("RUNNING", "FAILED", "KILLED") for k in kids):
-        client.set_tag(trial_id, "chexops.error",
-                       "its dvc process ended between two stages (its tune worker was killed)")
-        ends = [k.info.end_time for k in kids if k.info.end_time] or [int(time.time() * 1000)]
-        client.set_terminated(trial_id, "FAILED", end_time=max(ends))
-        return
     cut = [k for k in kids if k.info.status in ("RUNNING", "FAILED", "KILLED")]
     now = int(time.time() * 1000)  # when a killed stage is noticed: its true end is unknown
     ends = [now if k.info.status == "RUNNING" else k.info.end_time or now for k in kids] or [now]
-    if cut:
+    if STUDY_TAG in trial.data.tags and not cut:
+        client.set_tag(trial_id, "chexops.error",
+                       "its dvc process ended between two stages (its tune worker was killed)")
+        client.set_terminated(trial_id, "FAILED", end_time=max(ends))
+    elif cut:
         stage = cut[0].data.tags.get("chexops.stage", "?")
         for kid in cut:
             if kid.info.status == "RUNNING":
@@ -136,7 +134,7 @@ def _end_orphans(client: "MlflowClient", exp_id: str) -> None:
                                            f"attributes.status = 'RUNNING'", max_results=100)
     for run in running:
         if not _alive(run.data.tags[INVOCATION_TAG]):
-            _end_orphan(client, exp_id, run.info.run_id)
+            _end_orphan(client, exp_id, run)
 
 
 def _running_trial(client: "MlflowClient", exp_id: str, key: str) -> str | None:
@@ -155,14 +153,21 @@ def open_trial(client: "MlflowClient", exp_id: str, params: Params) -> str | Non
     if trial_id is not None:
         return trial_id
     _end_orphans(client, exp_id)
+    trial_id, name = _create_trial(client, exp_id, params, {INVOCATION_TAG: key, **tune_tags()})
+    print(f"chexops: trial run {trial_id} ({name}) opened in {redact_url(client.tracking_uri)}",
+          file=sys.stderr)
+    return trial_id
+
+
+def _create_trial(client: "MlflowClient", exp_id: str, params: Params,
+                  tags: dict[str, str]) -> tuple[str, str]:
+    """(run id, name) of a new trial run with every param, named after the DVC experiment."""
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro-%Y%m%d-%H%M%S")
     trial = StageRun(client, client.create_run(exp_id, run_name=name, tags={
-        TRIAL_TAG: "true", INVOCATION_TAG: key}).info.run_id, exp_id)
-    trial.set_tags({"dvc.exp_name": os.environ.get("DVC_EXP_NAME"), **tune_tags()})
+        TRIAL_TAG: "true", **tags}).info.run_id, exp_id)
+    trial.set_tags({"dvc.exp_name": os.environ.get("DVC_EXP_NAME")})
     trial.log_params(flatten(to_dict(params)))
-    print(f"chexops: trial run {trial.run_id} ({name}) opened in {redact_url(client.tracking_uri)}",
-          file=sys.stderr)
-    return trial.run_id
+    return trial.run_id, name
 
 
 def tune_tags() -> dict[str, str]:
@@ -240,10 +245,8 @@ def close_trial(params: Params, root: str | Path, evaluate: StageRun,
     root = Path(root)
     client, exp_id = open_store(params, root)
     trial_id = evaluate.trial_id
-    if trial_id is None:
-        name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro-%Y%m%d-%H%M%S")
-        trial_id = client.create_run(exp_id, run_name=name, tags={TRIAL_TAG: "true"}).info.run_id
-        StageRun(client, trial_id, exp_id).log_params(flatten(to_dict(params)))
+    if trial_id is None:  # evaluate run by hand, outside a dvc command
+        trial_id = _create_trial(client, exp_id, params, {})[0]
     trial = StageRun(client, trial_id, exp_id)
     md5s = _lock_data_md5s(root)
     try:

@@ -22,7 +22,7 @@ from chexops.data.batches import ArraySet, make_loader
 from chexops.errors import ChexopsError
 from chexops.inference.settings import Settings, resolve_settings
 from chexops.model.network import ChexNet, freeze_body, layer_groups
-from chexops.model.weights import save_weights, state_to_save
+from chexops.model.weights import state_to_save
 from chexops.training import checkpoint as ckpt
 from chexops.training import distributed
 from chexops.training.schedule import OneCycle, discriminative_lrs
@@ -213,7 +213,7 @@ def _resume(loop: _Loop, saved: dict[str, Any], out_path: str | Path,
     if not distributed.is_main():
         return saved["epoch"] + 1
     if loop.best.state is not None:  # DVC removes a stage's outputs before re-running it
-        save_weights(loop.best.state, out_path, {**(metadata or {}), "epoch": str(loop.best.epoch)})
+        loop.best.write(out_path, metadata)
     print(f"chexops: resuming after epoch {saved['epoch']} from its checkpoint", file=sys.stderr)
     return saved["epoch"] + 1
 

@@ -91,8 +91,13 @@ class Best:
         self.metrics = {**{k: row[k] for k in HISTORY_KEYS}, "targets": val["targets"]}
         self.state = state_to_save(model)
         if write:
-            save_weights(self.state, out_path, {**(metadata or {}), "epoch": str(row["epoch"])})
+            self.write(out_path, metadata)
         return True
+
+    def write(self, out_path: str | Path, metadata: dict[str, str] | None) -> None:
+        """The best weights to out_path (atomically), their epoch in the metadata."""
+        assert self.state is not None
+        save_weights(self.state, out_path, {**(metadata or {}), "epoch": str(self.epoch)})
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {"best_score": self.score, "best_epoch": self.epoch, "best_metrics": self.metrics,
