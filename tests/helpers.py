@@ -131,4 +131,5 @@ def make_params(extra: dict | None = None):
 
 
 TINY_SYNTHETIC = {"train_patients": 8, "valid_patients": 4, "width": 48, "height": 56,
-                  "workers": 1, "studies_per_patient": 1.5, "lateral_fraction": 0.3}
+                  "workers": 1, "studies_per_patient": 1.5, "lateral_fraction": 0.3,
+                  "test_patients": 5}

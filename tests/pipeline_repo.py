@@ -28,7 +28,7 @@ REDUCED = {
     # one thread: the suite runs on two pytest workers (Makefile), one core each, and torch with
     # more threads than its share of cores collapses (see README, speed)
     "runtime": {"device": "cpu", "threads": 1, "workers": 0},
-    "data": {"synthetic": {"train_patients": 90, "valid_patients": 24, "width": 96,
+    "data": {"synthetic": {"train_patients": 90, "valid_patients": 24, "test_patients": 30, "width": 96,
                            "height": 112, "workers": 1}},
     # score_start off: a reduced round trains too little to beat the weights it starts from, so
     # with epoch 0 scored every round would hand on round 1's start and DVC's run-cache would

@@ -75,6 +75,10 @@ def test_exponent_without_dot_is_a_number():
     ("data.synthetic.jpeg_quality", 0, "data.synthetic.jpeg_quality: 0 must be within 1..100"),
     ("data.synthetic.jpeg_quality", 101, "jpeg_quality: 101 must be within 1..100"),
     ("data.synthetic.seed", -1, "data.synthetic.seed: -1 must be >= 0"),
+    ("data.synthetic.test_seed", -2, "data.synthetic.test_seed: -2 must be >= 0"),
+    ("data.synthetic.test_patients", -1, "data.synthetic.test_patients: -1 must be >= 0"),
+    ("data.synthetic.train_patients", 64700,
+     "train_patients + valid_patients = 64770 must stay below 64741, where the test cohort"),
     ("data.synthetic.sed", 1, "unknown key data.synthetic.sed"),
     ("clean.image_check", "deep", "clean.image_check: 'deep' must be header or full"),
     # train
@@ -205,6 +209,8 @@ def with_space(space: dict, **tune) -> dict:
     ({"train.augment.preset": {"choice": ["none", "off"]}}, {},
      "tune.space.train.augment.preset.choice: 'off' would read back from YAML as False"),
     # the study's settings
+    ({}, {"metric": "Cardiomegaly.test.auroc"},
+     "tune.metric: 'Cardiomegaly.test.auroc' scores the held-out test cohort, which nothing may"),
     ({}, {"study": "my study"}, "tune.study: 'my study' must be 1-64 letters"),
     ({}, {"study": "a..b"}, "tune.study: 'a..b'"),
     ({}, {"storage": "optuna.db"}, "tune.storage: 'optuna.db' is not a database URL"),

@@ -22,6 +22,8 @@ COVERED = {
     "dvc plots show": "tests.pipeline.test_e2e:test_plots_show_renders",
     "cp profiles/chexpert-seed.yaml params.yaml": "tests.test_config:test_seed_profile_is_the_seed_studys_recipe",
     "export CHEXPERT_URL=": "tests.data.test_download:test_url_download_verifies_checksum_and_redacts_the_token",
+    "chexops compare lr-small workspace --split test":
+        "tests.commands.test_compare:test_compare_on_the_held_out_test_cohort",
     "chexops compare": "tests.commands.test_compare:test_compare_by_experiment_name_finds_the_better_trial",
     "chexops predict": "tests.commands.test_predict:test_cli_prints_csv_and_json_and_writes_heatmaps",
     "chexops champion": "tests.tracking.test_registry:test_champion_command_and_unknown_model",

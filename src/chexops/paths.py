@@ -11,6 +11,8 @@ RAW_ZIP = RAW_DIR / "chexpert.zip"                 # the CheXpert zip, one DVC o
 TRUTH = RAW_DIR / "synthetic_truth.parquet"        # synthetic only; training never reads it
 CLEAN_LABELS = Path("data/clean/labels.parquet")
 CLEAN_REPORT = Path("data/clean/bad_images.csv")
+CLEAN_TEST = Path("data/clean/test.parquet")       # the held-out test cohort (maybe no rows):
+                                                   # evaluate alone reads it, nothing selects on it
 RESAMPLED_DIR = Path("data/resampled")
 RESAMPLED_TRAIN = RESAMPLED_DIR / "train.parquet"
 RESAMPLED_VALID = RESAMPLED_DIR / "valid.parquet"
@@ -25,7 +27,8 @@ METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 DVC_TEMP_MARKER = "/.dvc/tmp/exps/"             # where `dvc exp run --temp/--queue` works
 MAIN_ROOT_ENV = "CHEXOPS_MAIN_ROOT"                # set by `chexops reproduce` for its workspace
-EVALUATE_PLOTS = PLOTS_DIR / "evaluate"            # roc, precision-recall, confusion, calibration
+EVALUATE_PLOTS = PLOTS_DIR / "evaluate"            # roc, precision-recall, confusion, calibration,
+                                                   # rounds (every round's epochs in one table)
 EVALUATE_REPORT = Path("reports/evaluate")         # report.md/html, figures, predictions.parquet
 RUNS_DIR = Path("runs")                            # runs/<stage>.json: the MLflow run that made an output
 
@@ -44,6 +47,11 @@ def round_meta(k: int) -> Path:
 
 def round_metrics(k: int) -> Path:
     return METRICS_DIR / f"round-{k}.json"
+
+
+def round_history(k: int) -> Path:
+    """A round's per-epoch history (epoch 0: its starting weights), a `dvc plots` file."""
+    return PLOTS_DIR / f"round-{k}" / "history.csv"
 
 
 def stage_run_file(stage: str) -> Path:

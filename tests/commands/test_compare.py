@@ -32,7 +32,8 @@ def probs(valid: pd.DataFrame, strength: float, seed: int) -> np.ndarray:
     return np.clip(0.3 + strength * y + np.random.default_rng(seed).normal(0, 0.2, N), 0, 1)[:, None]
 
 
-def log_trial(params, root, name: str, frame: pd.DataFrame, raw_md5: str) -> str:
+def log_trial(params, root, name: str, frame: pd.DataFrame, raw_md5: str,
+              test: pd.DataFrame | None = None) -> str:
     """An evaluate run with the predictions artifact and data tags, and its trial run."""
     client, exp_id = store.open_store(params, root)
     ev = client.create_run(exp_id, run_name="evaluate").info.run_id
@@ -43,6 +44,9 @@ def log_trial(params, root, name: str, frame: pd.DataFrame, raw_md5: str) -> str
     out.parent.mkdir(parents=True)
     frame.to_parquet(out)
     client.log_artifact(ev, str(out), "report")
+    if test is not None:
+        test.to_parquet(out.parent / "test_predictions.parquet")
+        client.log_artifact(ev, str(out.parent / "test_predictions.parquet"), "report")
     trial = client.create_run(exp_id, run_name=name).info.run_id
     for k, v in {"chexops.trial": "true", "dvc.exp_name": name, "chexops.evaluate_run_id": ev}.items():
         client.set_tag(trial, k, v)
@@ -58,8 +62,11 @@ def repo(tmp_path, monkeypatch):
     targets = ("Cardiomegaly",)
     weak = compare.predictions_frame(valid, probs(valid, 0.15, 1), targets)
     strong = compare.predictions_frame(valid, probs(valid, 0.45, 2), targets)
-    ids = {"weak": log_trial(params, tmp_path, "weak-trial", weak, "aaa"),
-           "strong": log_trial(params, tmp_path, "strong-trial", strong, "aaa")}
+    # on the held-out cohort the validation winner does no better: selection flattered it
+    test = valid_frame(seed=9).assign(Path=lambda f: f["Path"].str.replace("/valid/", "/test/"))
+    held = compare.predictions_frame(test, probs(test, 0.3, 3), targets)
+    ids = {"weak": log_trial(params, tmp_path, "weak-trial", weak, "aaa", held),
+           "strong": log_trial(params, tmp_path, "strong-trial", strong, "aaa", held)}
     return tmp_path, params, valid, ids, weak
 
 
@@ -97,6 +104,23 @@ def test_compare_by_run_id_with_workspace_and_per_study(repo, capsys):
     assert cli.main(["--root", str(root), "compare", "workspace", "strong-trial", "--per-study"]) == 0
     out = capsys.readouterr().out
     assert f"Cardiomegaly: {N // 2} validation studies" in out
+
+
+def test_compare_on_the_held_out_test_cohort(repo, capsys):
+    root, params, valid, ids, weak = repo
+    assert cli.main(["--root", str(root), "compare", "weak-trial", "strong-trial",
+                     "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert f"Cardiomegaly: {N} held-out test images" in out
+    assert "no detectable difference" in out          # same test predictions in both trials
+    assert cli.main(["--root", str(root), "compare", "weak-trial", "strong-trial", "--split",
+                     "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["targets"][0]["delong"]["diff"] == 0
+    assert cli.main(["--root", str(root), "compare", "weak-trial", "workspace", "--split",
+                     "test"]) == 2
+    assert ("reports/evaluate/test_predictions.parquet not found in the workspace; the data "
+            "has no test.csv") in capsys.readouterr().err
 
 
 def test_refuses_different_validation_data_and_unknown_trials(repo, capsys):

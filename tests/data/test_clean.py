@@ -220,3 +220,61 @@ def test_full_image_check_drops_truncated_jpegs(tmp_path, stage_runs, check):
         assert victim not in set(df["Path"]) and list(report["Path"]) == [victim]
         assert report["reason"].iloc[0].startswith("undecodable: image is truncated or corrupt (")
         assert len(df) == len(train) + len(valid) - 1
+
+
+# ---------------------------------------------------------------- the held-out test cohort
+
+def stanford_test_rows(patients: int = 4, first: int = 64741) -> pd.DataFrame:
+    """A test.csv as Stanford released CheXpert's test labels: Path and the observations only."""
+    _, valid = chexpert_rows(train_patients=1, valid_patients=patients, seed=5)
+    ids = iter(range(first, first + patients))
+    new = {p: f"patient{next(ids):05d}" for p in valid["Path"].str.extract(r"(patient\d+)")[0].unique()}
+    paths = valid["Path"].str.replace("/valid/", "/test/", regex=False)
+    for old, fresh in new.items():
+        paths = paths.str.replace(old, fresh, regex=False)
+    return valid.assign(Path=paths).drop(columns=["Sex", "Age", "Frontal/Lateral", "AP/PA"])
+
+
+def zip_with_test(tmp_path, test: pd.DataFrame):
+    extra = {"CheXpert-v1.0-small/test.csv": csv_text(test).encode()}
+    extra.update({p: jpeg_bytes(i) for i, p in enumerate(test["Path"])})
+    return repo_with(tmp_path, extra=extra)
+
+
+def test_a_test_csv_becomes_the_held_out_table_that_the_rounds_never_read(tmp_path, stage_runs,
+                                                                           capsys):
+    test = stanford_test_rows()
+    root = zip_with_test(tmp_path, test)
+    clean_stage.main(make_params(), root)
+    held = pd.read_parquet(root / "data/clean/test.parquet")
+    labels = pd.read_parquet(root / "data/clean/labels.parquet")
+    train, valid = chexpert_rows()
+    assert len(labels) == len(train) + len(valid) and "split" not in labels.columns
+    assert list(held["Path"]) == list(test["Path"]) and not set(held["Path"]) & set(labels["Path"])
+    # missing meta columns: views from the file name, demographics unknown
+    assert list(held["Frontal/Lateral"]) == ["Frontal", "Lateral"] * 4
+    assert set(held["Sex"]) == {"Unknown"} and held["Age"].isna().all()
+    assert held["Cardiomegaly"].dtype == np.int8
+    assert list(held["Cardiomegaly"]) == test["Cardiomegaly"].astype(int).tolist()
+    metrics = json.loads((root / "metrics/clean.json").read_text())
+    assert metrics["rows_before"]["test"] == metrics["rows_after"]["test"] == len(test)
+    assert "+ 8 held-out test rows kept" in capsys.readouterr().out
+    assert stage_runs[0][1].metrics["test_rows"] == len(test)
+
+
+def test_without_a_test_csv_the_held_out_table_is_empty(tmp_path, stage_runs):
+    root = repo_with(tmp_path)
+    clean_stage.main(make_params(), root)
+    held = pd.read_parquet(root / "data/clean/test.parquet")
+    assert held.empty and "Cardiomegaly" in held.columns
+    assert "test" not in json.loads((root / "metrics/clean.json").read_text())["rows_after"]
+
+
+def test_a_test_patient_seen_in_training_is_refused_and_nothing_is_written(tmp_path, stage_runs):
+    test = stanford_test_rows(first=1)             # patient00001 is a training patient
+    root = zip_with_test(tmp_path, test)
+    with pytest.raises(ChexopsError, match=r"test.csv patient patient00001 is also in train.csv "
+                                           r"or valid.csv; a held-out test cohort must share no "
+                                           r"patient"):
+        clean_stage.main(make_params(), root)
+    assert not (root / "data/clean").exists()

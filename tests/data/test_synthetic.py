@@ -19,7 +19,8 @@ from chexops.data.synthetic.generate import build_cohort, generate_zip
 from tests.helpers import TINY_SYNTHETIC
 
 TINY = SyntheticConfig(**TINY_SYNTHETIC)
-PATH_RE = re.compile(r"^CheXpert-v1\.0-small/(train|valid)/patient(\d{5})/study(\d+)/view(\d)_(frontal|lateral)\.jpg$")
+PATH_RE = re.compile(r"^CheXpert-v1\.0-small/(train|valid|test)/patient(\d{5})/study(\d+)/"
+                     r"view(\d)_(frontal|lateral)\.jpg$")
 
 
 def md5(path) -> str:
@@ -33,20 +34,24 @@ def tiny(tmp_path_factory):
     with zipfile.ZipFile(d / "a.zip") as zf:
         train = pd.read_csv(io.BytesIO(zf.read("CheXpert-v1.0-small/train.csv")))
         valid = pd.read_csv(io.BytesIO(zf.read("CheXpert-v1.0-small/valid.csv")))
+        test = pd.read_csv(io.BytesIO(zf.read("CheXpert-v1.0-small/test.csv")))
         names = zf.namelist()
         first = Image.open(io.BytesIO(zf.read(train["Path"].iloc[0])))
         first.load()
-    return {"dir": d, "truth": truth, "train": train, "valid": valid, "names": names, "img": first}
+    return {"dir": d, "truth": truth, "train": train, "valid": valid, "test": test, "names": names,
+            "img": first}
 
 
 def test_layout_matches_chexpert_small(tiny):
-    train, valid, names = tiny["train"], tiny["valid"], tiny["names"]
-    assert tuple(train.columns) == CSV_COLUMNS and tuple(valid.columns) == CSV_COLUMNS
-    all_rows = pd.concat([train, valid])
+    train, valid, test, names = tiny["train"], tiny["valid"], tiny["test"], tiny["names"]
+    assert all(tuple(f.columns) == CSV_COLUMNS for f in (train, valid, test))
+    all_rows = pd.concat([train, valid, test])
     assert set(all_rows["Path"]) == {n for n in names if n.endswith(".jpg")}
     parsed = [PATH_RE.match(p) for p in all_rows["Path"]]
     assert all(parsed)
-    assert max(int(m.group(2)) for m in parsed[:len(train)]) < min(int(m.group(2)) for m in parsed[len(train):])
+    ids = [int(m.group(2)) for m in parsed]
+    assert max(ids[:len(train)]) < min(ids[len(train):])
+    assert min(ids[len(train) + len(valid):]) == 64741     # CheXpert's test numbering
     lateral = all_rows["Frontal/Lateral"] == "Lateral"
     assert lateral.any() and (~lateral).any()
     assert all_rows.loc[lateral, "AP/PA"].isna().all()
@@ -54,9 +59,10 @@ def test_layout_matches_chexpert_small(tiny):
     assert set(all_rows["Sex"]) <= {"Male", "Female"}
 
 
-def test_valid_holds_only_zero_one_and_train_has_uncertain_and_blank(tiny):
+def test_valid_and_test_hold_only_zero_one_and_train_has_uncertain_and_blank(tiny):
     obs = list(CSV_COLUMNS[5:])
     assert set(np.unique(tiny["valid"][obs].to_numpy())) <= {0.0, 1.0}
+    assert set(np.unique(tiny["test"][obs].to_numpy())) <= {0.0, 1.0}
     train = tiny["train"][obs].to_numpy()
     assert np.isnan(train).any() and (train == -1).any()
 
@@ -82,6 +88,31 @@ def test_same_seed_same_bytes_any_worker_count_other_seed_differs(tmp_path):
     assert md5(tmp_path / "a.zip") == md5(tmp_path / "b.zip")
     assert md5(tmp_path / "a.parquet") == md5(tmp_path / "b.parquet")
     assert md5(tmp_path / "a.zip") != md5(tmp_path / "c.zip")
+
+
+def test_test_cohort_has_its_own_seed_and_leaves_train_and_valid_unchanged():
+    rows = build_cohort(TINY, 7)
+    without = build_cohort(replace(TINY, test_patients=0), 7)
+    other_seed = build_cohort(replace(TINY, test_seed=8), 7)
+    other_data_seed = build_cohort(TINY, 9)
+    kept = ["Path", "ctr", "Cardiomegaly"]
+    held = rows["split"] == "test"
+    assert rows.loc[~held, kept].reset_index(drop=True).equals(without[kept])
+    assert not rows.loc[held, kept].reset_index(drop=True).equals(
+        other_seed.loc[other_seed["split"] == "test", kept].reset_index(drop=True))
+    assert rows.loc[held, kept].reset_index(drop=True).equals(     # the data seed leaves it be
+        other_data_seed.loc[other_data_seed["split"] == "test", kept].reset_index(drop=True))
+    test = rows[held]
+    assert test["patient_id"].nunique() == TINY.test_patients == test.groupby("patient_id")["study"].max().sum()
+
+
+def test_default_test_cohort_is_large_expert_read_and_like_validation():
+    rows = build_cohort(SyntheticConfig(), 42)
+    test, valid = rows[rows["split"] == "test"], rows[rows["split"] == "valid"]
+    assert test["patient_id"].nunique() >= 2000
+    assert set(test["Cardiomegaly"].unique()) <= {0.0, 1.0}
+    # the same population as validation (expert reads, enriched), so valid - test is selection
+    assert abs(test["Cardiomegaly"].mean() - valid["Cardiomegaly"].mean()) < 0.08
 
 
 def test_default_cardiomegaly_mix_is_near_chexpert():

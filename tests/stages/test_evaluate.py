@@ -20,10 +20,12 @@ from chexops.config import load_params
 REPO = Path(__file__).resolve().parents[2]
 Y = np.array([0, 0, 0, 1, 1, 0, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.3, 0.6, 0.9, 0.2])
+YT = np.array([0, 1, 0, 1, 0, 0, 1, 1, 0, 0])           # the held-out test cohort
+PT = np.array([0.2, 0.7, 0.4, 0.3, 0.1, 0.5, 0.8, 0.6, 0.65, 0.05])
 
 
-def frame(labels, n_offset: int = 0) -> pd.DataFrame:
-    paths = [f"CheXpert-v1.0-small/valid/patient{i + n_offset:05d}/study1/view1_frontal.jpg"
+def frame(labels, n_offset: int = 0, split: str = "valid") -> pd.DataFrame:
+    paths = [f"CheXpert-v1.0-small/{split}/patient{i + n_offset:05d}/study1/view1_frontal.jpg"
              for i in range(len(labels))]
     return pd.DataFrame({"Path": paths, "Cardiomegaly": np.asarray(labels, dtype="int8"),
                          "valid": True})
@@ -138,14 +140,23 @@ def stage_repo(tmp_path, monkeypatch):
     write_recipe_only(tmp_path / "models/round-5/best.safetensors", load_params(REPO / "params.yaml"))
     (tmp_path / "data/resampled").mkdir(parents=True)
     frame(Y).to_parquet(tmp_path / "data/resampled/valid.parquet")
+    (tmp_path / "data/clean").mkdir(parents=True)
+    test = frame(YT, 64741, "test").drop(columns="valid")
+    test.to_parquet(tmp_path / "data/clean/test.parquet")
     (tmp_path / "data/raw").mkdir()
-    truth = pd.DataFrame({"Path": frame(Y).Path, "ctr": 0.45 + 0.1 * Y})
+    truth = pd.DataFrame({"Path": [*frame(Y).Path, *test.Path], "ctr": 0.45 + 0.1 * np.r_[Y, YT]})
     truth.to_parquet(tmp_path / "data/raw/synthetic_truth.parquet")
+    for k, aurocs in ((1, [0.5, 0.7, 0.8]), (2, [0.8, 0.75])):   # two rounds' histories
+        history = tmp_path / f"plots/round-{k}/history.csv"
+        history.parent.mkdir(parents=True)
+        pd.DataFrame({"epoch": range(len(aurocs)), "train_loss": [None, *[0.5] * (len(aurocs) - 1)],
+                      "valid_loss": 0.6, "auroc": aurocs}).to_csv(history, index=False)
     calls = []
 
     def predict_frame(params, weights_path, df, zip_path, root):
         calls.append(Path(weights_path))
-        return P[: len(df), None]
+        held = df["Path"].str.contains("/test/").all()
+        return (PT if held else P)[: len(df), None]
 
     monkeypatch.setitem(sys.modules, "chexops.inference.frames",
                         types.SimpleNamespace(predict_frame=predict_frame))
@@ -164,7 +175,7 @@ def test_stage_writes_metrics_plots_report_and_closes_the_trial(stage_repo):
 
     root, calls = stage_repo
     stage.main(load_params(REPO / "params.yaml"), root)
-    assert calls == [root / "models/round-5/best.safetensors"]
+    assert calls == [root / "models/round-5/best.safetensors"] * 2   # validation, test cohort
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["Cardiomegaly"]["auroc"] == pytest.approx(roc_auc_score(Y, P))
     assert metrics["Cardiomegaly"]["ceiling_auroc"] == 1.0
@@ -191,6 +202,54 @@ def test_stage_writes_metrics_plots_report_and_closes_the_trial(stage_repo):
     trial = c.get_run(trial_id)
     assert trial.data.tags["chexops.trial"] == "true"
     assert trial.data.metrics["evaluate.Cardiomegaly.auroc"] == pytest.approx(roc_auc_score(Y, P))
+    assert trial.data.metrics["evaluate.Cardiomegaly.test.auroc"] == \
+        pytest.approx(roc_auc_score(YT, PT))
+    assert "figures/rounds.png" in {a.path for a in c.list_artifacts(trial_id, "figures")}
+
+
+def test_stage_scores_the_held_out_cohort_beside_validation(stage_repo, capsys):
+    from chexops.stages import evaluate as stage
+
+    root, _ = stage_repo
+    stage.main(load_params(REPO / "params.yaml"), root)
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())["Cardiomegaly"]
+    held = metrics["test"]
+    assert held["auroc"] == pytest.approx(roc_auc_score(YT, PT))
+    assert held["n"] == len(YT) and held["n_pos"] == int(YT.sum())
+    assert held["auroc_lo"] <= held["auroc"] <= held["auroc_hi"] and held["auroc_hi"] > held["auroc_lo"]
+    assert held["ceiling_auroc"] == 1.0 and held["ceiling_fraction"] == pytest.approx(held["auroc"])
+    assert held["optimism"] == pytest.approx(metrics["auroc"] - held["auroc"])
+    assert list(held)[:3] == ["auroc", "auroc_lo", "auroc_hi"]
+    predictions = pd.read_parquet(root / "reports/evaluate/test_predictions.parquet")
+    assert list(predictions["prob:Cardiomegaly"]) == list(PT)
+    assert "## Held-out test cohort" in (root / "reports/evaluate/report.md").read_text()
+    assert "held-out test, 10 images" in (root / "reports/evaluate/report.html").read_text()
+    assert f"evaluate held-out test cohort Cardiomegaly: AUROC {held['auroc']:.3f}" in \
+        capsys.readouterr().out
+
+
+def test_stage_draws_every_rounds_epochs_on_one_axis(stage_repo):
+    from chexops.stages import evaluate as stage
+
+    root, _ = stage_repo
+    stage.main(load_params(REPO / "params.yaml"), root)
+    table = pd.read_csv(root / "plots/evaluate/rounds.csv")
+    assert list(table["round"]) == [1, 1, 1, 2, 2] and list(table["step"]) == [0, 1, 2, 2, 3]
+    assert list(table["best"]) == [False, False, True, True, False]
+    assert (root / "reports/evaluate/rounds.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_without_a_test_cohort_says_so_and_scores_validation(stage_repo, capsys):
+    from chexops.stages import evaluate as stage
+
+    root, calls = stage_repo
+    pd.read_parquet(root / "data/clean/test.parquet").iloc[:0].to_parquet(
+        root / "data/clean/test.parquet")
+    stage.main(load_params(REPO / "params.yaml"), root)
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())["Cardiomegaly"]
+    assert "test" not in metrics and len(calls) == 1
+    assert not (root / "reports/evaluate/test_predictions.parquet").exists()
+    assert "no held-out test cohort" in capsys.readouterr().out
 
 
 def test_stage_on_a_single_class_split_reports_undefined_auroc(stage_repo):

@@ -48,6 +48,10 @@ def stage_repo(tmp_path, monkeypatch):
     shutil.move(weights, tmp_path / "models/round-5/best.safetensors")
     (tmp_path / "data/resampled").mkdir(parents=True)
     valid_frame().to_parquet(tmp_path / "data/resampled/valid.parquet")
+    (tmp_path / "data/clean").mkdir(parents=True)
+    test = valid_frame().drop(columns="valid")        # a held-out cohort of other patients
+    test["Path"] = test["Path"].str.replace("/valid/patient64", "/test/patient65", regex=False)
+    test.to_parquet(tmp_path / "data/clean/test.parquet")
     images = np.random.default_rng(1).integers(0, 255, (N, SIZE, SIZE), dtype=np.uint8)
     predictor = predict.predictor_from_weights(tmp_path / "models/round-5/best.safetensors", params)
     fake = types.SimpleNamespace(  # no zip here: images come from memory, the model is real
@@ -108,6 +112,13 @@ def test_stage_writes_statistics_report_predictions_and_registers(stage_repo, ca
     assert cli.main(["--root", str(root), "compare", trial_id, "workspace", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["targets"][0]
     assert result["delong"]["diff"] == 0 and result["n"] == N
+    # and on the held-out cohort, from the trial's logged test predictions
+    assert m["test"]["n"] == N and m["test"]["auroc_lo"] <= m["test"]["auroc"] <= m["test"]["auroc_hi"]
+    assert "report/test_predictions.parquet" in arts
+    assert cli.main(["--root", str(root), "compare", trial_id, "workspace", "--split", "test",
+                     "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["targets"][0]["n"] == N
 
 
 def test_report_page_is_self_contained_and_escapes_text():

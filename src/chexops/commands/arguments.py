@@ -51,6 +51,9 @@ def compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
     parser.add_argument("--per-study", action="store_true",
                         help="compare per study (max over views), as the CheXpert paper does")
+    parser.add_argument("--split", choices=("valid", "test"), default="valid",
+                        help="valid (default), or test: the held-out test cohort that nothing "
+                             "selected on")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

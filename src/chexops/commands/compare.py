@@ -3,9 +3,11 @@
 A and B are MLflow run ids (a trial run or its evaluate run), DVC experiment names (the trial
 run tagged dvc.exp_name), or `workspace` (the current reports/evaluate/predictions.parquet).
 Both trials' metrics get bootstrap intervals, and the paired DeLong test on the same validation
-images gives the AUROC difference, its interval, a p-value and a plain sentence. Two trials
-evaluated on different validation data (different data md5s, or different images or labels)
-are refused: a paired test between them would be meaningless.
+images gives the AUROC difference, its interval, a p-value and a plain sentence; `--split test`
+compares them on the held-out test cohort instead (validation chose both trials' epochs, so
+the test cohort is the unbiased judge). Two trials evaluated on different data (different data
+md5s, or different images or labels) are refused: a paired test between them would be
+meaningless.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PREDICTIONS = Path("reports/evaluate/predictions.parquet")   # written by the evaluate stage
 PREDICTIONS_ARTIFACT = "report/predictions.parquet"          # reports/evaluate logged as report/
+# per split: the predictions file in the workspace, its artifact and its name in messages
+SPLITS = {"valid": (PREDICTIONS, PREDICTIONS_ARTIFACT, "validation"),
+          "test": (Path("reports/evaluate/test_predictions.parquet"),
+                   "report/test_predictions.parquet", "held-out test")}
 WORKSPACE = "workspace"
 DATA_PREFIX = "data/"                                          # data inputs, not model weights
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -80,14 +86,15 @@ class Trial:
     run_id: str | None = None
 
 
-def workspace_trial(root: Path) -> Trial:
+def workspace_trial(root: Path, split: str = "valid") -> Trial:
     import pandas as pd
 
-
-    path = root / PREDICTIONS
-    if not path.is_file():
-        raise ChexopsError(f"{PREDICTIONS} not found in the workspace; run `dvc repro evaluate` first")
-    return Trial(WORKSPACE, pd.read_parquet(path), dvc_input_md5s(root, "evaluate"))
+    relative = SPLITS[split][0]
+    if not (root / relative).is_file():
+        fix = ("the data has no test.csv, or run `dvc repro evaluate`" if split == "test"
+               else "run `dvc repro evaluate` first")
+        raise ChexopsError(f"{relative} not found in the workspace; {fix}")
+    return Trial(WORKSPACE, pd.read_parquet(root / relative), dvc_input_md5s(root, "evaluate"))
 
 
 def _find_run(client: Any, exp_id: str, spec: str) -> Any:
@@ -120,7 +127,7 @@ def _evaluate_run_id(run: Any) -> str:
                        f"give a trial's run id or its DVC experiment name")
 
 
-def mlflow_trial(params: "Params", root: Path, spec: str) -> Trial:
+def mlflow_trial(params: "Params", root: Path, spec: str, split: str = "valid") -> Trial:
     import mlflow.artifacts
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -130,39 +137,44 @@ def mlflow_trial(params: "Params", root: Path, spec: str) -> Trial:
     eval_id = _evaluate_run_id(_find_run(client, exp_id, spec))
     tags = client.get_run(eval_id).data.tags
     md5s = {k[len("data.md5."):]: v for k, v in tags.items() if k.startswith("data.md5.")}
+    artifact = SPLITS[split][1]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(run_id=eval_id, dst_path=tmp,
-                                                        artifact_path=PREDICTIONS_ARTIFACT,
+                                                        artifact_path=artifact,
                                                         tracking_uri=client.tracking_uri)
         except (MlflowException, OSError):
             raise ChexopsError(f"trial {spec!r} (evaluate run {eval_id}) has no per-image "
-                               f"predictions artifact {PREDICTIONS_ARTIFACT}; re-run its "
-                               f"evaluate stage with this chexops version") from None
+                               f"predictions artifact {artifact}; re-run its evaluate stage "
+                               f"with this chexops version (and, for --split test, data with "
+                               f"a test.csv)") from None
         frame = pd.read_parquet(local)
     return Trial(spec, frame, md5s, eval_id)
 
 
-def resolve(spec: str, params: "Params", root: Path) -> Trial:
-    return workspace_trial(root) if spec == WORKSPACE else mlflow_trial(params, root, spec)
+def resolve(spec: str, params: "Params", root: Path, split: str = "valid") -> Trial:
+    if spec == WORKSPACE:
+        return workspace_trial(root, split)
+    return mlflow_trial(params, root, spec, split)
 
 
 # ---------------------------------------------------------------- comparing
 
-def check_same_data(a: Trial, b: Trial) -> None:
-    """Refuse when the data inputs' md5s or the validation images/labels differ."""
+def check_same_data(a: Trial, b: Trial, split: str = "valid") -> None:
+    """Refuse when the data inputs' md5s or the split's images/labels differ."""
+    name = SPLITS[split][2]
     for dep in sorted(set(a.md5s) & set(b.md5s)):
         if dep.startswith(DATA_PREFIX) and a.md5s[dep] != b.md5s[dep]:
-            raise ChexopsError(f"A and B were evaluated on different validation data ({dep}: md5 "
+            raise ChexopsError(f"A and B were evaluated on different {name} data ({dep}: md5 "
                                f"{a.md5s[dep][:12]} vs {b.md5s[dep][:12]}); a paired comparison "
                                f"needs the same data: compare trials made from the same data")
     if targets_of(a.predictions) != targets_of(b.predictions):
         raise ChexopsError(f"A predicts {targets_of(a.predictions)}, B {targets_of(b.predictions)}; "
                            f"compare trials trained for the same targets")
     if labels_digest(a.predictions) != labels_digest(b.predictions):
-        raise ChexopsError("A and B were evaluated on different validation images or labels; "
-                           "a paired comparison needs the same validation split: compare trials "
-                           "made from the same data")
+        raise ChexopsError(f"A and B were evaluated on different {name} images or labels; "
+                           f"a paired comparison needs the same images: compare trials made "
+                           f"from the same data")
 
 
 def _aligned(trial: Trial, target: str, order: "pd.Series", per_study: bool
@@ -178,16 +190,17 @@ def _aligned(trial: Trial, target: str, order: "pd.Series", per_study: bool
 
 
 def compare_target(a: Trial, b: Trial, target: str, threshold: float = 0.5, n_boot: int = 1000,
-                   seed: int = 0, alpha: float = 0.05, per_study: bool = False) -> dict[str, Any]:
+                   seed: int = 0, alpha: float = 0.05, per_study: bool = False,
+                   split: str = "valid") -> dict[str, Any]:
     """Both trials' metrics with bootstrap CIs, and the paired DeLong test of B - A."""
     order = a.predictions["Path"].sort_values()
     y, pa = _aligned(a, target, order, per_study)
     _, pb = _aligned(b, target, order, per_study)
     if len(np.unique(y)) < 2:
-        raise ChexopsError(f"{target}: the validation labels hold one class only; AUROC and the "
-                           f"DeLong test are undefined")
+        raise ChexopsError(f"{target}: the {SPLITS[split][2]} labels hold one class only; AUROC "
+                           f"and the DeLong test are undefined")
     test = stats.paired_delong(y, pa, pb, alpha)
-    return {"target": target, "n": int(len(y)), "n_pos": int(y.sum()),
+    return {"target": target, "split": split, "n": int(len(y)), "n_pos": int(y.sum()),
             "unit": "study" if per_study else "image",
             "A": stats.bootstrap_ci(y, pa, threshold, n_boot, seed, alpha),
             "B": stats.bootstrap_ci(y, pb, threshold, n_boot, seed, alpha),
@@ -204,7 +217,7 @@ def format_result(result: dict[str, Any], a: str, b: str, alpha: float) -> str:
     level = f"{(1 - alpha) * 100:g} %"
     width = max(26, len(a) + 4, len(b) + 4)
     units = "studies" if result["unit"] == "study" else "images"
-    lines = [f"{result['target']}: {result['n']} validation {units}, "
+    lines = [f"{result['target']}: {result['n']} {SPLITS[result['split']][2]} {units}, "
              f"{result['n_pos']} positive (metrics with {level} bootstrap intervals)",
              f"{'metric':<12}{'A: ' + a:<{width}}{'B: ' + b:<{width}}"]
     for name in METRICS:
@@ -219,12 +232,15 @@ def format_result(result: dict[str, Any], a: str, b: str, alpha: float) -> str:
 def run(args: argparse.Namespace, params: "Params", root: Path) -> None:
     if not 0 < args.alpha < 1:
         raise ChexopsError(f"--alpha {args.alpha} must be within (0, 1), e.g. 0.05")
-    a, b = resolve(args.a, params, root), resolve(args.b, params, root)
-    check_same_data(a, b)
+    split = args.split
+    a, b = resolve(args.a, params, root, split), resolve(args.b, params, root, split)
+    check_same_data(a, b, split)
     n_boot = params.evaluate.bootstrap
     results = [compare_target(a, b, t, params.evaluate.threshold, n_boot, params.seed,
-                              args.alpha, args.per_study) for t in targets_of(a.predictions)]
+                              args.alpha, args.per_study, split)
+               for t in targets_of(a.predictions)]
     if args.json:
-        sys.stdout.write(json.dumps({"A": args.a, "B": args.b, "targets": results}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"A": args.a, "B": args.b, "split": split, "targets": results},
+                                    indent=2) + "\n")
         return
     print("\n\n".join(format_result(r, args.a, args.b, args.alpha) for r in results))

@@ -15,10 +15,12 @@ from chexops.config.schema import (
     AUGMENT_BOUNDS,
     AUGMENT_FIELDS,
     AUGMENT_PRESETS,
+    HELDOUT_KEY,
     MIN_BOOTSTRAP,
     MIN_SYNTHETIC_SIDE,
     N_ROUNDS,
     OBSERVATIONS,
+    TEST_FIRST_PATIENT,
     TUNE_DIRECTIONS,
     TUNE_FORBIDDEN,
     TUNE_PRUNERS,
@@ -166,6 +168,12 @@ def _validate_data(d: DataConfig, need: Any) -> None:
          f"data.synthetic.jpeg_quality: {s.jpeg_quality} must be within 1..100")
     need(s.workers >= 0, f"data.synthetic.workers: {s.workers} must be >= 0")
     need(s.seed >= 0, f"data.synthetic.seed: {s.seed} must be >= 0")
+    need(s.test_seed >= 0, f"data.synthetic.test_seed: {s.test_seed} must be >= 0")
+    need(s.test_patients >= 0, f"data.synthetic.test_patients: {s.test_patients} must be >= 0 "
+                               f"(0: no held-out test cohort)")
+    need(s.train_patients + s.valid_patients < TEST_FIRST_PATIENT,
+         f"data.synthetic: train_patients + valid_patients = {s.train_patients + s.valid_patients}"
+         f" must stay below {TEST_FIRST_PATIENT}, where the test cohort's patient ids start")
 
 
 def _validate_recipe(p: Params, need: Any) -> None:
@@ -240,6 +248,9 @@ def validate_tune(p: Params) -> None:
          f"tune.metric: {t.metric!r} is not a validation metric of evaluate; use auto or "
          f"<group>.<metric> with group one of {', '.join(groups)} (e.g. {groups[-1]}.auroc); "
          f"a held-out test cohort is never the objective")
+    need(HELDOUT_KEY not in t.metric.split("."),
+         f"tune.metric: {t.metric!r} scores the held-out test cohort, which nothing may select on; "
+         f"use a validation metric such as {groups[-1]}.auroc")
     for name, dist in t.space.items():
         _validate_space(p, name, dist)
 

@@ -45,6 +45,8 @@ class SyntheticConfig:
     height: int = 384
     jpeg_quality: int = 90
     workers: int = 2                   # render processes; does not change the output
+    test_patients: int = 2000          # the held-out test cohort (0: none); one study each
+    test_seed: int = 7                 # the test cohort's own seed: nothing else draws from it
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ class Params:
 
 
 MIN_SYNTHETIC_SIDE = 16
+TEST_FIRST_PATIENT = 64741   # CheXpert numbers its test patients from patient64741
+HELDOUT_KEY = "test"         # metrics/evaluate.json: <target>.test holds the held-out cohort's
 MIN_BOOTSTRAP = 1000
 AUGMENT_PRESETS = ("none", "lighting", "light", "custom")
 AUGMENT_FIELDS = ("brightness", "contrast", "rotate_deg", "translate", "scale", "hflip")

@@ -35,11 +35,16 @@ _PATIENT = re.compile(r"/(patient\d+)/")
 
 # ---------------------------------------------------------------- reading and validating
 
-def parse_csv(data: bytes, name: str) -> pd.DataFrame:
-    """A CheXpert CSV as a frame (labels float, NaN = blank); clear errors for bad files."""
+def parse_csv(data: bytes, name: str, fill_meta: bool = False) -> pd.DataFrame:
+    """A CheXpert CSV as a frame (labels float, NaN = blank); clear errors for bad files.
+
+    `fill_meta` (a test.csv): Stanford's released test labels carry Path and the observations
+    only, so a missing Sex / Age is unknown, AP/PA blank, Frontal/Lateral read from the file name."""
     if not data.strip():
         raise ChexopsError(f"{name} is empty; restore the CheXpert CSV (header + one row per image)")
     df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    if fill_meta and "Path" in df.columns:
+        df = fill_missing_meta(df)
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
         raise ChexopsError(f"{name}: missing required column {missing[0]!r}; "
@@ -54,6 +59,15 @@ def parse_csv(data: bytes, name: str) -> pd.DataFrame:
         raise ChexopsError(f"{name}: duplicate path {df.loc[dup, 'Path'].iloc[0]}; "
                            f"each image must appear once, remove the repeated row")
     return df
+
+
+def fill_missing_meta(df: pd.DataFrame) -> pd.DataFrame:
+    """Blank Sex / Age / AP/PA and Frontal/Lateral from `_frontal` / `_lateral` in the file
+    name, for the meta columns a CSV lacks."""
+    fill = {"Sex": "", "Age": "", "AP/PA": "",
+            "Frontal/Lateral": np.where(df["Path"].str.contains("lateral", case=False),
+                                        "Lateral", "Frontal")}
+    return df.assign(**{col: value for col, value in fill.items() if col not in df.columns})
 
 
 def parse_demographics(df: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -87,8 +101,9 @@ def parse_labels(col: pd.Series, column: str, name: str) -> pd.Series:
     return values
 
 
-def read_split_csvs(zip_path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """(root folder, train rows, valid rows) from the CheXpert zip."""
+def read_split_csvs(zip_path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """(root folder, train rows, valid rows, test rows or None) from the CheXpert zip; test.csv
+    (a held-out labelled test set beside train.csv and valid.csv) is optional."""
     try:
         zf = zipfile.ZipFile(zip_path)
     except (FileNotFoundError, zipfile.BadZipFile) as exc:
@@ -100,7 +115,9 @@ def read_split_csvs(zip_path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame]:
             raise ChexopsError(f"{zip_path} has no CheXpert train.csv and valid.csv; "
                                f"run `dvc repro download` with a CheXpert source")
         frames = [parse_csv(zf.read(f"{root}/{s}.csv"), f"{s}.csv") for s in ("train", "valid")]
-    return root, frames[0], frames[1]
+        test = (parse_csv(zf.read(f"{root}/test.csv"), "test.csv", fill_meta=True)
+                if f"{root}/test.csv" in zf.namelist() else None)
+    return root, frames[0], frames[1], test
 
 
 # ---------------------------------------------------------------- transforming
@@ -113,16 +130,28 @@ def patient_of(path: str) -> str:
     return m.group(1)
 
 
-def combine(train: pd.DataFrame, valid: pd.DataFrame, root: str) -> pd.DataFrame:
-    """One table with `valid` and `patient`; every path checked to stay under the data root."""
-    df = pd.concat([train.assign(valid=False), valid.assign(valid=True)], ignore_index=True)
+def combine(train: pd.DataFrame, valid: pd.DataFrame, root: str,
+            test: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One table with `split` (train / valid / test), `valid` and `patient`; every path checked
+    to stay under the data root, and no test patient in train or valid (a held-out cohort that
+    shares patients with training would score memory, not generalisation)."""
+    parts = [train.assign(split="train"), valid.assign(split="valid")]
+    if test is not None:
+        parts.append(test.assign(split="test"))
+    df = pd.concat(parts, ignore_index=True)
+    df["valid"] = df["split"] == "valid"
     for p in df["Path"]:
         check_member_path(p, root)
     df["patient"] = [patient_of(p) for p in df["Path"]]
     dup = df["Path"].duplicated()
     if dup.any():
-        raise ChexopsError(f"path {df.loc[dup, 'Path'].iloc[0]} is in both train.csv and valid.csv; "
-                           f"each image must belong to one split")
+        raise ChexopsError(f"path {df.loc[dup, 'Path'].iloc[0]} is in more than one of train.csv, "
+                           f"valid.csv, test.csv; each image must belong to one split")
+    held = df["split"] == "test"
+    shared = set(df.loc[held, "patient"]) & set(df.loc[~held, "patient"])
+    if shared:
+        raise ChexopsError(f"test.csv patient {min(shared)} is also in train.csv or valid.csv; "
+                           f"a held-out test cohort must share no patient with them")
     return df
 
 
@@ -155,11 +184,16 @@ def unknown_masks(df: pd.DataFrame) -> dict[str, pd.Series]:
     return {"Sex": df["Sex"] == UNKNOWN_SEX, "Age": df["Age"].isna()}
 
 
+def splits_of(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """(split, its rows) for train, valid and, when the data has one, test."""
+    names = ["train", "valid"] + (["test"] if "test" in set(df["split"]) else [])
+    return [(name, df["split"] == name) for name in names]
+
+
 def unknown_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
     """{split: {demographic: rows where it is unknown}}."""
-    splits = (("train", ~df["valid"]), ("valid", df["valid"]))
     return {split: {field: int((unknown & part).sum()) for field, unknown in unknown_masks(df).items()}
-            for split, part in splits}
+            for split, part in splits_of(df)}
 
 
 def unknown_filtered(df: pd.DataFrame, params: Params) -> dict[str, int]:
@@ -181,9 +215,10 @@ def whole_years(age: pd.Series) -> pd.Series:
 
 
 def apply_policies(df: pd.DataFrame, params: Params) -> pd.DataFrame:
-    """Blank -> 0; -1 per observation policy on train rows; valid rows end as 0/1 only."""
+    """Blank -> 0; -1 per observation policy on train rows; valid and test rows (expert reads)
+    end as 0/1 only."""
     out = df.copy()
-    train = ~out["valid"].to_numpy()
+    train = (out["split"] == "train").to_numpy()
     for obs in OBSERVATIONS:
         y = out[obs].fillna(0.0).to_numpy(dtype=float, copy=True)
         policy = params.uncertainty_policy(obs)
@@ -192,7 +227,7 @@ def apply_policies(df: pd.DataFrame, params: Params) -> pd.DataFrame:
             y[unc & train] = 0
         elif policy == "ones":
             y[unc & train] = 1
-        y[unc & ~train] = 0        # expert valid labels hold no -1; if one does, U-Zeros it
+        y[unc & ~train] = 0        # expert labels hold no -1; if one does, U-Zeros it
         out[obs] = y.astype(np.int8)
     return out
 
@@ -200,7 +235,8 @@ def apply_policies(df: pd.DataFrame, params: Params) -> pd.DataFrame:
 def label_counts(df: pd.DataFrame, targets: tuple[str, ...]) -> dict[str, Any]:
     """{split: {target: {"1": n, "0": n, "-1": n, "blank": n}}} (blank only before cleaning)."""
     out: dict[str, Any] = {}
-    for split, part in (("train", df[~df["valid"]]), ("valid", df[df["valid"]])):
+    for split, rows in splits_of(df):
+        part = df[rows]
         out[split] = {}
         for t in targets:
             col = part[t]
@@ -247,9 +283,10 @@ def drop_bad_images(df: pd.DataFrame, zip_path: Path, max_bad: float,
 
 
 def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(labels table, bad-image report, metrics) from the zip."""
-    root, train, valid = read_split_csvs(zip_path)
-    df = combine(train, valid, root)
+    """(labels table, bad-image report, metrics) from the zip; the table's `split` column says
+    train / valid / test (the held-out cohort, when the data has a test.csv: `split_test`)."""
+    root, train, valid, test = read_split_csvs(zip_path)
+    df = combine(train, valid, root, test)
     metrics: dict[str, Any] = {"rows_before": split_rows(df),
                                "labels_before": label_counts(df, params.targets),
                                "unknown_before": unknown_counts(df),
@@ -258,7 +295,7 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     df, bad, colour = drop_bad_images(df, zip_path, params.clean.max_bad_fraction,
                                       full=params.clean.image_check == "full")
     for split, n in split_rows(df).items():
-        if n == 0:
+        if n == 0 and split != "test":
             raise ChexopsError(f"no {split} rows left after the clean filters; "
                                f"relax clean.views / clean.sex / clean.age_min / clean.age_max")
     df = apply_policies(df, params)
@@ -266,12 +303,21 @@ def clean_table(zip_path: Path, params: Params) -> tuple[pd.DataFrame, pd.DataFr
     df["Age"] = whole_years(df["Age"])
     metrics.update(rows_after=split_rows(df), bad_images=len(bad), colour_images=colour,
                    labels_after=label_counts(df, params.targets), unknown_after=unknown_counts(df))
-    columns = [*CSV_COLUMNS, "valid", "patient"]
+    columns = [*CSV_COLUMNS, "split", "valid", "patient"]
     return df[columns], bad, metrics
 
 
+def split_test(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train + valid labels, held-out test labels) of a clean table: the rounds read the first
+    only, so nothing they select on can see the test cohort."""
+    held = df["split"] == "test"
+    labels = df[~held].drop(columns="split").reset_index(drop=True)
+    test = df[held].drop(columns=["split", "valid"]).reset_index(drop=True)
+    return labels, test
+
+
 def split_rows(df: pd.DataFrame) -> dict[str, int]:
-    return {"train": int((~df["valid"]).sum()), "valid": int(df["valid"].sum())}
+    return {split: int(rows.sum()) for split, rows in splits_of(df)}
 
 
 def print_counts(metrics: dict) -> None:
@@ -280,8 +326,10 @@ def print_counts(metrics: dict) -> None:
             for target, counts in per_target.items():
                 text = ", ".join(f"{k}: {v}" for k, v in counts.items())
                 print(f"clean {when.split('_')[1]:6s} {split:5s} {target}: {text}")
-    print(f"clean: {metrics['rows_after']['train']} train + {metrics['rows_after']['valid']} valid "
-          f"rows kept, {metrics['bad_images']} bad images dropped")
+    rows = metrics["rows_after"]
+    test = f" + {rows['test']} held-out test" if "test" in rows else ""
+    print(f"clean: {rows['train']} train + {rows['valid']} valid{test} rows kept, "
+          f"{metrics['bad_images']} bad images dropped")
     if metrics["colour_images"]:
         print(f"clean: warning: {metrics['colour_images']} images are stored in colour; they are "
               f"read as their luminance (greyscale), as predict reads them")

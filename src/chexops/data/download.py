@@ -284,10 +284,12 @@ def csv_rows(data: bytes) -> int:
 
 
 def summarize(zip_path: Path) -> dict:
-    """Rows of each CSV and image count, for the log."""
+    """Rows of each CSV (test_rows 0 without a test.csv) and image count, for the log."""
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         root = find_root(names)
-        rows = {s: csv_rows(zf.read(f"{root}/{s}.csv")) for s in ("train", "valid")}
+        rows = {s: csv_rows(zf.read(f"{root}/{s}.csv")) if f"{root}/{s}.csv" in names else 0
+                for s in ("train", "valid", "test")}
     images = sum(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
-    return {"train_rows": rows["train"], "valid_rows": rows["valid"], "images": images}
+    return {"train_rows": rows["train"], "valid_rows": rows["valid"], "test_rows": rows["test"],
+            "images": images}

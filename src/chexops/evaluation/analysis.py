@@ -86,7 +86,22 @@ def summary_table(metrics: dict[str, Any], analysis: Analysis,
         if metrics.get(t, {}).get("ceiling_auroc") is not None:
             rows.append({"target": t, "metric": "ceiling_auroc",
                          "value": metrics[t]["ceiling_auroc"], "lo": None, "hi": None})
+        rows += heldout_rows(t, metrics.get(t, {}).get("test"))
     return pd.DataFrame(rows, columns=["target", "metric", "value", "lo", "hi"])
+
+
+def heldout_rows(target: str, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The held-out test cohort's rows of the summary table (none without one)."""
+    if not record or record.get("auroc") is None:
+        return []
+    rows = [{"target": target, "metric": f"auroc (held-out test, {record['n']} images)",
+             "value": record["auroc"], "lo": record["auroc_lo"], "hi": record["auroc_hi"]}]
+    for key, name in (("ceiling_auroc", "ceiling_auroc (test)"),
+                      ("optimism", "selection optimism (valid - test AUROC)")):
+        if record.get(key) is not None:
+            rows.append({"target": target, "metric": name, "value": record[key], "lo": None,
+                         "hi": None})
+    return rows
 
 
 def operating_table(analysis: Analysis, targets: tuple[str, ...]) -> pd.DataFrame:

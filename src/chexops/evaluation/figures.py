@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from chexops.evaluation import heldout
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -31,6 +33,11 @@ def markdown_report(metrics: dict[str, Any], targets: tuple[str, ...], weights: 
                       f"| 0 | {tn} | {fp} |", f"| 1 | {fn} | {tp} |"]
         if m.get("note"):
             lines += ["", f"Note: {m['note']}."]
+    held = heldout.summary_lines(metrics, targets)
+    if held:
+        lines += ["", "## Held-out test cohort", "",
+                  "Scored once, by evaluate; no epoch, round or trial was chosen on it. Selection "
+                  "optimism = validation AUROC - test AUROC.", "", *held]
     return "\n".join(lines) + "\n"
 
 

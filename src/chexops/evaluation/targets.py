@@ -19,7 +19,8 @@ TRUTH_SCORE_COLUMNS = {"Cardiomegaly": ("ctr", "cardiothoracic_ratio", "Cardiome
 
 # per-target scalar metrics that the multi-target `mean` record averages (macro, skipping None)
 MEAN_KEYS = ("auroc", "ceiling_auroc", "precision", "recall", "specificity", "error_rate",
-             "accuracy")
+             "accuracy", "optimism", "ceiling_fraction")
+NESTED = ("tta", "test")   # records inside a target's: test-time augmentation, held-out test cohort
 
 
 def plain(obj: Any) -> Any:
@@ -132,8 +133,8 @@ def evaluate_targets(df: pd.DataFrame, probs: np.ndarray, targets: tuple[str, ..
 
 def mean_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Macro mean over targets of every per-target scalar metric (MEAN_KEYS), each over the
-    targets where it is defined (None where it is nowhere); a nested `tta` record (test-time
-    augmentation) is averaged the same way."""
+    targets where it is defined (None where it is nowhere); the nested `tta` (test-time
+    augmentation) and `test` (held-out cohort) records are averaged the same way."""
     out: dict[str, Any] = {}
     for key in MEAN_KEYS:
         present = [r[key] for r in records if key in r]
@@ -141,12 +142,13 @@ def mean_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         defined = [float(v) for v in present if v is not None]
         out[key] = float(np.mean(defined)) if defined else None
-    nested = [r["tta"] for r in records if isinstance(r.get("tta"), dict)]
-    if nested:
-        out["tta"] = mean_metrics(nested)
-        views = {r.get("views") for r in nested} - {None}
-        if len(views) == 1:
-            out["tta"]["views"] = views.pop()
+    for key in NESTED:
+        nested = [r[key] for r in records if isinstance(r.get(key), dict)]
+        if nested:
+            out[key] = mean_metrics(nested)
+            views = {r.get("views") for r in nested} - {None}
+            if len(views) == 1:
+                out[key]["views"] = views.pop()
     return out
 
 

@@ -27,6 +27,7 @@ def main(params: Params, root: Path) -> None:
         litter = (f", {facts['skipped_entries']} archive litter entries skipped (__MACOSX/, "
                   f".DS_Store, Thumbs.db, ._ files)" if facts["skipped_entries"] else "")
         print(f"download ({facts['source']}): {facts['train_rows']} train + "
-              f"{facts['valid_rows']} valid rows, {facts['images']} images{litter}")
+              f"{facts['valid_rows']} valid + {facts['test_rows']} held-out test rows, "
+              f"{facts['images']} images{litter}")
         run.log_params({"source": facts["source"]})
         run.log_metrics({k: v for k, v in facts.items() if k != "source"})

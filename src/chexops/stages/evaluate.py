@@ -1,5 +1,6 @@
-"""`chexops evaluate`: the final weights on the validation split -> metrics, DVC plots, a report,
-the evaluate MLflow run, and then the trial run that ties the whole `dvc repro` together."""
+"""`chexops evaluate`: the final weights on the validation split and the held-out test cohort ->
+metrics, DVC plots, a report, the evaluate MLflow run, and then the trial run that ties the
+whole `dvc repro` together."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pandas as pd
 
 from chexops import atomic, paths
 from chexops.config import N_ROUNDS, Params
-from chexops.evaluation import confusion, figures
+from chexops.evaluation import confusion, figures, heldout, rounds
 from chexops.evaluation import targets as evaluate
 from chexops.model.recipe import SCORED_FIX, SCORED_KEYS, Recipe, check_recipe
 from chexops.model.weights import read_recipe
@@ -56,6 +57,27 @@ def add_tta(params: Params, root: Path, weights: Path, valid: pd.DataFrame,
         metrics.setdefault(name, {})["tta"] = {**{k: m[k] for k in TTA_KEYS if k in m}, "views": n}
 
 
+# ---------------------------------------------------------------- the held-out test cohort
+
+TEST_PREDICTIONS = REPORT_DIR / "test_predictions.parquet"   # `chexops compare --split test`
+
+
+def score_heldout(params: Params, root: Path, weights: Path, metrics: dict[str, Any],
+                  truth: pd.DataFrame | None) -> pd.DataFrame | None:
+    """metrics[<target>]['test'] from data/clean/test.parquet (None when the data has no test
+    cohort); returns its per-image predictions (compare.predictions_frame's layout)."""
+    from chexops.commands.compare import predictions_frame
+
+    test = pd.read_parquet(paths.require(root, paths.CLEAN_TEST, "run `dvc repro clean` first"))
+    if len(test) == 0:
+        print("evaluate: no held-out test cohort (the data has no test.csv)")
+        return None
+    probs = predict(params, root, weights, test)
+    heldout.add_heldout(metrics, test, probs, params.targets, params.evaluate.threshold,
+                        params.evaluate.bootstrap, params.seed, truth)
+    return predictions_frame(test, probs, params.targets)
+
+
 # ---------------------------------------------------------------- outputs
 
 def write_metrics(root: Path, metrics: dict[str, Any]) -> None:
@@ -72,11 +94,24 @@ def write_plots(root: Path, curves: dict) -> None:
             evaluate.stack_curves(curves, kind).to_csv(tmp, index=False)
 
 
-def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ...]) -> dict:
-    """reports/evaluate/{report.md, roc.png, precision_recall.png, confusion*.png}, swapped in
-    whole; returns figures."""
+def rounds_history(root: Path) -> pd.DataFrame:
+    """Every round's epochs in one table (chexops.evaluation.rounds), written to
+    plots/evaluate/rounds.csv for `dvc plots` (dvc.yaml: the rounds-loss and rounds-auroc plots)."""
+    histories = {k: pd.read_csv(root / paths.round_history(k)) for k in range(1, N_ROUNDS + 1)
+                 if (root / paths.round_history(k)).is_file()}
+    table = rounds.rounds_table(histories)
+    with atomic.atomic_path(root / PLOTS / "rounds.csv", ".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def write_report(root: Path, metrics: dict, curves: dict, targets: tuple[str, ...],
+                 history: pd.DataFrame) -> dict:
+    """reports/evaluate/{report.md, roc.png, precision_recall.png, confusion*.png, rounds.png},
+    swapped in whole; returns figures."""
     drawn = {"roc.png": figures.roc_figure(curves, metrics),
-             "precision_recall.png": figures.pr_figure(curves, metrics)}
+             "precision_recall.png": figures.pr_figure(curves, metrics),
+             "rounds.png": rounds.rounds_figure(history)}
     for t in targets:
         name = "confusion.png" if len(targets) == 1 else f"confusion-{evaluate.slug(t)}.png"
         drawn[name] = confusion.confusion_figure(metrics[t].get("confusion"), t)
@@ -118,15 +153,19 @@ def main(params: Params, root: Path) -> None:
                                                     params.evaluate.threshold, truth)
         extra = evaluate_report.extend_metrics(params, valid, probs, metrics)
         add_tta(params, root, weights, valid, metrics)  # TTA beside the plain result
+        held = score_heldout(params, root, weights, metrics, truth)
         write_metrics(root, metrics)
         write_plots(root, curves)
-        figures = write_report(root, metrics, curves, params.targets)
+        figures = write_report(root, metrics, curves, params.targets, rounds_history(root))
         figures.update(evaluate_report.write_outputs(  # predictions, report.html, Grad-CAM
             params, root, valid, probs, metrics, extra, weights, dict(figures)))
+        if held is not None:
+            atomic.write_parquet(root / TEST_PREDICTIONS, held)
         log_to_run(run, root, params, metrics, figures, len(valid), recipe)
         evaluate_report.register_model(params, run, root, weights)  # MLflow registry
         _print_summary(metrics, params.targets)
-    trial.close_trial(params, root, run, {STAGE: metrics})
+    trial.close_trial(params, root, run, {STAGE: metrics},
+                      {"rounds.png": figures["rounds.png"]})  # the trial's learning curves
 
 
 def _print_summary(metrics: dict[str, Any], targets: tuple[str, ...]) -> None:
@@ -135,3 +174,5 @@ def _print_summary(metrics: dict[str, Any], targets: tuple[str, ...]) -> None:
         auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.3f}"
         print(f"evaluate {t}: AUROC {auroc} on {m.get('n', 0)} images"
               + (f" ({m['note']})" if m.get("note") else ""))
+    for line in heldout.summary_lines(metrics, targets):
+        print(f"evaluate held-out test cohort {line[2:]}")

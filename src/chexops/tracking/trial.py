@@ -239,9 +239,10 @@ def _link_stage_runs(client: "MlflowClient", root: Path, trial_id: str) -> dict[
 
 
 def close_trial(params: Params, root: str | Path, evaluate: StageRun,
-                metrics: dict[str, Any]) -> str:
+                metrics: dict[str, Any], figures: dict[str, Any] | None = None) -> str:
     """Finish the trial the evaluate run belongs to (or create it, for an evaluate run by hand):
-    final metrics, data hashes, links to every stage run, FINISHED. Returns its run id."""
+    final metrics, data hashes, figures (matplotlib, as figures/<name>), links to every stage
+    run, FINISHED. Returns its run id."""
     root = Path(root)
     client, exp_id = open_store(params, root)
     trial_id = evaluate.trial_id
@@ -254,6 +255,8 @@ def close_trial(params: Params, root: str | Path, evaluate: StageRun,
                         **provenance_tags(params, root, md5s)})
         log_datasets(trial, md5s)
         trial.log_metrics(numeric_metrics(metrics))
+        for name, fig in (figures or {}).items():
+            trial.log_figure(fig, f"figures/{name}")
         trial.set_tags(_link_stage_runs(client, root, trial.run_id))
     except BaseException:
         client.set_terminated(trial.run_id, "FAILED")

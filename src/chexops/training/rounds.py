@@ -179,12 +179,8 @@ def mlflow_params(params: Params, k: int, n_train: int, n_valid: int) -> dict[st
 def write_outputs(root: Path, k: int, result, meta: dict[str, Any]) -> None:
     atomic.write_json(root / paths.round_meta(k), meta)
     atomic.write_json(root / paths.round_metrics(k), round_metrics(result))
-    with atomic.atomic_path(root / history_path(k), ".csv") as tmp:
+    with atomic.atomic_path(root / paths.round_history(k), ".csv") as tmp:
         pd.DataFrame(result.history).to_csv(tmp, index=False)
-
-
-def history_path(k: int) -> Path:
-    return paths.PLOTS_DIR / f"round-{k}" / "history.csv"
 
 
 def round_metrics(result) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from chexops import atomic
-from chexops.config import OBSERVATIONS, SyntheticConfig
+from chexops.config import OBSERVATIONS, TEST_FIRST_PATIENT, SyntheticConfig
 from chexops.data.schema import CHEXPERT_ROOTS, CSV_COLUMNS, META_COLUMNS
 from chexops.data.synthetic import labeler, phantom
 
@@ -27,6 +27,7 @@ VALID_ROWS_PER_PATIENT = 234 / 70   # the real valid.csv: 234 rows; default 70 v
 VALID_CTR_SHIFT = 0.03              # the expert-read valid set is enriched, as CheXpert's is
 AP_SHARE = 0.80                     # most CheXpert frontals are portable AP films
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+SPLITS = ("train", "valid", "test")
 
 
 # ---------------------------------------------------------------- the latent cohort
@@ -64,7 +65,8 @@ def draw_studies(rng: np.random.Generator, patients: pd.DataFrame, mean_studies:
 
 
 def report_labels(rng: np.random.Generator, st: pd.DataFrame, valid: bool) -> pd.DataFrame:
-    """The 14 observation columns (float, NaN = blank) and their truth, per study."""
+    """The 14 observation columns (float, NaN = blank) and their truth, per study; `valid`:
+    expert reads (validation and test), else the report labeler's (train)."""
     n = len(st)
     labels: dict[str, np.ndarray] = {}
     truth: dict[str, np.ndarray] = {}
@@ -104,8 +106,20 @@ def expand_views(st: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def build_test_cohort(cfg: SyntheticConfig) -> pd.DataFrame:
+    """The held-out test cohort: its own generator (test_seed), patient ids from CheXpert's
+    test numbering, one study each (CheXpert's test set: one study per patient) and expert reads
+    drawn like validation's, so test minus validation AUROC measures selection optimism alone."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.test_seed, 20190102]))
+    patients = draw_patients(rng, cfg.test_patients, TEST_FIRST_PATIENT, valid=True)
+    st = draw_studies(rng, patients, 1.0, cfg.lateral_fraction)
+    st = pd.concat([st, report_labels(rng, st, valid=True)], axis=1)
+    return expand_views(st, "test").assign(split="test")
+
+
 def build_cohort(cfg: SyntheticConfig, seed: int) -> pd.DataFrame:
-    """Every image row of train then valid, with CSV columns and latent state."""
+    """Every image row of train, valid, then test, with CSV columns and latent state; train and
+    valid come from `seed` alone, so adding or resizing the test cohort leaves them unchanged."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 20190101]))
     valid_mean = max(VALID_ROWS_PER_PATIENT / (1 + cfg.lateral_fraction), 1.0)
     parts = []
@@ -117,6 +131,8 @@ def build_cohort(cfg: SyntheticConfig, seed: int) -> pd.DataFrame:
         st = pd.concat([st, report_labels(rng, st, split == "valid")], axis=1)
         parts.append(expand_views(st, split).assign(split=split))
         first += n
+    if cfg.test_patients:
+        parts.append(build_test_cohort(cfg))
     rows = pd.concat(parts, ignore_index=True)
     rows["Sex"] = np.where(rows["female"], "Female", "Male")
     rows["Age"] = rows["age"]
@@ -160,7 +176,8 @@ def image_jobs(rows: pd.DataFrame, cfg: SyntheticConfig, seed: int) -> list[tupl
                                   thorax=float(r.thorax), effusion=float(r.effusion),
                                   effusion_side=int(r.effusion_side), edema=float(r.edema),
                                   devices=int(r.devices), age=float(r.age), female=bool(r.female))
-        key = (seed, int(r.patient_id), int(r.study), int(r.view_no))
+        key = (cfg.test_seed if r.split == "test" else seed, int(r.patient_id), int(r.study),
+               int(r.view_no))
         jobs.append((r.Path, state, key, cfg.height, cfg.width, cfg.jpeg_quality))
     return jobs
 
@@ -191,7 +208,9 @@ def zip_info(name: str, compress: int) -> zipfile.ZipInfo:
 
 def write_zip(path: Path, rows: pd.DataFrame, jobs: list[tuple], workers: int) -> None:
     with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
-        for split in ("train", "valid"):  # 'train.csv' sorts before 'train/'
+        for split in SPLITS:  # 'train.csv' sorts before 'train/'
+            if split not in set(rows["split"]):
+                continue
             data = csv_bytes(rows[rows["split"] == split])
             zf.writestr(zip_info(f"{ROOT}/{split}.csv", zipfile.ZIP_DEFLATED), data,
                         compresslevel=6)
