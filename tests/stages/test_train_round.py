@@ -107,6 +107,7 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
     assert metrics["best_epoch"] == meta["best_epoch"]
     assert {"auroc", "precision", "recall", "error_rate", "confusion", "valid_loss"} <= set(metrics)
     assert sum(map(sum, metrics["confusion"])) == 8
+    assert metrics["loss"] == "bce"  # the round's training loss (train.loss, rounds.rK.loss)
     history = pd.read_csv(root / "plots/round-1/history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "auroc", "precision",
                                      "recall", "error_rate", "lr"]
@@ -115,6 +116,7 @@ def test_round_one_writes_outputs_and_logs_to_mlflow(root, runs):
     assert resumed is None
     assert run.params["lr"] == 1e-3 and run.params["epochs"] == 2 and run.params["seed"] == 3
     assert run.params["image_size"] == 32 and run.params["batch_size"] == 4
+    assert run.params["loss"] == "bce"
     assert [step for step, _ in run.steps] == [0, 1, 2]
     assert set(run.steps[1][1]) == {"train_loss", "valid_loss", "auroc", "precision", "recall",
                                       "error_rate", "lr"}

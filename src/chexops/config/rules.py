@@ -16,10 +16,12 @@ from chexops.config.schema import (
     AUGMENT_FIELDS,
     AUGMENT_PRESETS,
     HELDOUT_KEY,
+    LOSSES,
     MIN_BOOTSTRAP,
     MIN_SYNTHETIC_SIDE,
     N_ROUNDS,
     OBSERVATIONS,
+    PESG_MODES,
     TEST_FIRST_PATIENT,
     TUNE_DIRECTIONS,
     TUNE_FORBIDDEN,
@@ -55,6 +57,7 @@ def validate(p: Params) -> None:
     _validate_model(p, need)
     _validate_runtime(p, need)
     _validate_rounds(p, need)
+    _validate_loss(p, need)
     need(not _has_password(p.tune.storage),
          f"tune.storage: {redact_url(p.tune.storage)} holds a password, which would be stored in "
          f"git and logged with the params; put it in ~/.pgpass or PGPASSWORD (docs/TEAM.md)")
@@ -131,6 +134,29 @@ def _validate_rounds(p: Params, need: Any) -> None:
         else:
             need(name == "r1", f"rounds.{name}.lr: set a learning rate "
                                f"(only r1 may inherit the top-level lr)")
+
+
+def _validate_loss(p: Params, need: Any) -> None:
+    """train.loss and rounds.rK.loss name a known loss; AUC margin needs one score per target
+    (not U-MultiClass's 3-way softmax) and sane PESG params (libauc 1.3's ranges)."""
+    named = [("train.loss", p.train.loss)] + [(f"rounds.{n}.loss", r.loss)
+                                             for n, r in sorted(p.rounds.items()) if r.loss]
+    for key, loss in named:
+        need(loss in LOSSES, f"{key}: unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    auc = [key for key, loss in named if loss == "auc_margin"
+           if key != "train.loss" or any(r.loss is None for r in p.rounds.values())]
+    multiclass = [t for t in p.targets if p.uncertainty_policy(t) == "multiclass"]
+    need(not (auc and multiclass),
+         f"{auc[0] if auc else ''}: auc_margin needs one score per target, but "
+         f"{multiclass[0] if multiclass else ''} is multiclass (U-MultiClass, a 3-way softmax); "
+         f"use bce or another clean.uncertainty policy")
+    a = p.train.auc_margin
+    need(a.margin > 0, f"train.auc_margin.margin: {a.margin} must be > 0")
+    need(a.lr is None or a.lr > 0, f"train.auc_margin.lr: {a.lr} must be > 0 (or null)")
+    need(a.mode in PESG_MODES, f"train.auc_margin.mode: {a.mode!r} must be sgd or adam")
+    need(0 <= a.momentum < 1, f"train.auc_margin.momentum: {a.momentum} must be within [0, 1)")
+    for name in ("weight_decay", "epoch_decay"):
+        need(getattr(a, name) >= 0, f"train.auc_margin.{name}: {getattr(a, name)} must be >= 0")
 
 
 def url_in_source_message(source: str, url_env: str) -> str:

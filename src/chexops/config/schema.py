@@ -14,6 +14,8 @@ OBSERVATIONS: tuple[str, ...] = (
     "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
 )
 UNCERTAINTY_POLICIES = ("ignore", "zeros", "ones", "multiclass", "selftrained")
+LOSSES = ("bce", "auc_margin")   # train.loss / rounds.rK.loss
+PESG_MODES = ("sgd", "adam")
 N_ROUNDS = 5
 
 
@@ -112,6 +114,19 @@ class LRFindConfig:
 
 
 @dataclass(frozen=True)
+class AUCMarginConfig:
+    """A round with loss auc_margin: LibAUC's AUC-margin loss (AUCMLoss) and its PESG optimizer
+    (Yuan et al., "Large-scale Robust Deep AUC Maximization", ICCV 2021); the names and defaults
+    are libauc 1.3's AUCMLoss / PESG arguments."""
+    margin: float = 1.0            # AUCMLoss margin m of the squared-hinge surrogate, > 0
+    lr: float | None = 0.1         # PESG peak LR (one-cycle); null: the round's lr (a range's hi)
+    mode: str = "sgd"              # PESG mode: sgd | adam
+    momentum: float = 0.9          # PESG sgd momentum, within [0, 1)
+    weight_decay: float = 1.0e-5   # PESG L2 penalty, >= 0
+    epoch_decay: float = 2.0e-3    # PESG epoch-level L2 pull toward the reference weights, >= 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     image_size: int = 64
     batch_size: Union[int, str] = 16     # int or "auto"
@@ -120,7 +135,9 @@ class TrainConfig:
     div: float = 25.0
     final_div: float = 1e4
     moms: tuple[float, float] = (0.95, 0.85)
-    pos_weight: float | None = None      # None, or > 0
+    pos_weight: float | None = None      # None, or > 0 (BCE rounds only)
+    loss: str = "bce"                    # bce | auc_margin (needs `pip install -e '.[auc]'`)
+    auc_margin: AUCMarginConfig = field(default_factory=AUCMarginConfig)
     max_batches: int = 0                 # 0 = whole epoch; >0 caps batches per epoch (tests)
     # epoch 0: a round first scores the weights it starts from and hands them on unless an epoch
     # beats them (never lose the best); false: the seed study's behaviour, each round's best epoch
@@ -142,6 +159,7 @@ class RoundConfig:
     lr: Union[float, tuple[float, float], str, None] = None  # None -> top-level lr (round 1)
     freeze: bool = False
     resample: ResampleDraw | None = None
+    loss: str | None = None        # bce | auc_margin; None -> train.loss
 
 
 @dataclass(frozen=True)
@@ -231,10 +249,13 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     def round(self, k: int) -> RoundConfig:
-        """Round k (1-based); round 1's lr defaults to the top-level `lr`."""
+        """Round k (1-based); round 1's lr defaults to the top-level `lr`, every round's loss
+        to `train.loss`."""
         cfg = self.rounds[f"r{k}"]
         if k == 1 and cfg.lr is None:
             cfg = dataclasses.replace(cfg, lr=self.lr)
+        if cfg.loss is None:
+            cfg = dataclasses.replace(cfg, loss=self.train.loss)
         return cfg
 
     def uncertainty_policy(self, observation: str) -> str:

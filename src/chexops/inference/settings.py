@@ -26,9 +26,13 @@ class Settings:
     pos_weight: float | None = None
     coding: Any = None    # model.coding.OutputCoding; None = one sigmoid per target
     augment: Any = None   # data.augment.Augmenter (images, step) -> images; None = off
+    auc: Any = None       # training.auc_margin.AUCMargin (loss auc_margin); None = BCE / CE
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
              denom: torch.Tensor | None = None) -> torch.Tensor:
+        """The round's loss; denom: the step's label count (per target, shape (T,), for auc)."""
+        if self.auc is not None:
+            return self.auc(logits, labels, mask, denom)
         if self.coding is None or self.coding.all_binary:
             return masked_bce(logits, labels, mask, self.pos_weight, denom)
         return self.coding.loss(logits, labels, mask, self.pos_weight, denom)

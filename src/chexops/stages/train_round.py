@@ -31,7 +31,7 @@ from chexops.model.coding import needs_teacher
 from chexops.model.recipe import params_recipe, recipe_metadata
 from chexops.runtime import prepare, seed_everything
 from chexops.tracking import runs as tracking
-from chexops.training import checkpoint, distributed, rounds
+from chexops.training import auc_margin, checkpoint, distributed, rounds
 from chexops.training.loop import train_round
 from chexops.training.teacher import resolve_teacher
 from chexops.tuning import report as tune_report
@@ -74,6 +74,8 @@ class _Start:
 def _start(params: Params, root: Path, k: int) -> _Start:
     if not 1 <= k <= N_ROUNDS:
         raise ChexopsError(f"round {k} does not exist; give a round from 1 to {N_ROUNDS}")
+    if params.round(k).loss == auc_margin.AUC_MARGIN:
+        auc_margin.require_libauc()  # fail fast: before any data is read or a run is opened
     train_df, valid_df = rounds.load_frames(params, root, k)
     md5s = rounds.input_md5s(root, k, params.round(k).resample is not None, params)
     fingerprint = rounds.round_fingerprint(params, root, k, md5s)

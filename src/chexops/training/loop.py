@@ -1,4 +1,5 @@
-"""One training round: AdamW + one-cycle over discriminative layer groups, masked BCE, the best
+"""One training round: AdamW + one-cycle over discriminative layer groups, masked BCE (or, under
+`loss: auc_margin`, LibAUC's AUC-margin loss with PESG under the same one-cycle), the best
 epoch by validation AUROC written atomically, per-epoch checkpoints to resume from, and an
 out-of-memory fallback that halves the micro-batch and accumulates gradients.
 
@@ -23,8 +24,8 @@ from chexops.errors import ChexopsError
 from chexops.inference.settings import Settings, resolve_settings
 from chexops.model.network import ChexNet, freeze_body, layer_groups
 from chexops.model.weights import state_to_save
+from chexops.training import auc_margin, distributed
 from chexops.training import checkpoint as ckpt
-from chexops.training import distributed
 from chexops.training.schedule import OneCycle, discriminative_lrs
 from chexops.training.selection import Best, check_valid_split, history_row, validate
 from chexops.training.step import auto_batch_size, train_step
@@ -41,6 +42,7 @@ class RoundPlan:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     coding: Any = None    # model.coding.OutputCoding (U-MultiClass); None = all sigmoid
+    loss: str = "bce"     # bce | auc_margin (training.auc_margin)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RoundResult:
     batch_size: int
     micro_batch: int
     resumed_from: int | None = None  # last completed epoch of the checkpoint resumed
+    loss: str = "bce"                # the round's training loss: bce | auc_margin
 
 
 def with_recipe(s: Settings, plan: RoundPlan) -> Settings:
@@ -135,13 +138,14 @@ def make_optimizer(model: ChexNet, lr: float | tuple[float, ...], wd: float,
 class _Loop:
     """The live objects of a round, so resume and checkpointing touch one place."""
     model: ChexNet
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # AdamW, or libauc's PESG under loss auc_margin
     schedule: OneCycle
     generator: torch.Generator
     state: EpochState
     batch_size: int
     history: list[dict[str, Any]] = field(default_factory=list)
     best: Best = field(default_factory=Best)
+    auc: Any = None  # training.auc_margin.AUCMargin under loss auc_margin: a, b, alpha to resume
 
     def checkpoint(self, epoch: int, fp: str, run_id: str | None,
                    lr_found: float | None = None) -> dict[str, Any]:
@@ -150,11 +154,14 @@ class _Loop:
                 "model": state_to_save(self.model), "optimizer": self.optimizer.state_dict(),
                 "step": self.state.step, "micro_batch": self.state.micro,
                 "batch_size": self.batch_size, "rng": ckpt.rng_state(self.generator),
-                "history": self.history, **self.best.to_checkpoint()}
+                "history": self.history, **self.best.to_checkpoint(),
+                "auc_margin": None if self.auc is None else self.auc.state_dict()}
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.auc is not None:
+            auc_margin.restore(self.optimizer, self.auc, saved["auc_margin"])
         self.state = EpochState(saved["step"], saved["micro_batch"])
         ckpt.set_rng_state(saved["rng"], self.generator)
         self.history = list(saved["history"])
@@ -195,12 +202,15 @@ def _prepare(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPlan, 
     if isinstance(plan.lr, str):  # "auto" is the stage's to resolve, with the LR finder
         raise ChexopsError(f"lr {plan.lr!r} reached the training loop unresolved; run the round "
                            f"with `chexops train-round K`, which runs the LR range test first")
-    optimizer, peaks = make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms)
+    optimizer, peaks = (auc_margin.make_pesg(model, s.auc, plan.lr, plan.train.auc_margin, s.device)
+                        if s.auc is not None
+                        else make_optimizer(model, plan.lr, plan.train.wd, plan.train.moms))
     schedule = OneCycle(optimizer, peaks, plan.epochs * n_batches, plan.train.pct_start,
                         plan.train.div, plan.train.final_div,
                         (plan.train.moms[0], plan.train.moms[1]))
     # the micro-batch is per rank: it starts at this rank's share of the effective batch
-    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, local), batch_size)
+    loop = _Loop(model, optimizer, schedule, generator, EpochState(0, local), batch_size,
+                 auc=s.auc)
     return loop, train_dl, valid_dl, n_batches
 
 
@@ -237,6 +247,7 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
 
     check_valid_split(valid, plan.targets)
     s = with_recipe(resolve_settings(plan.runtime, plan.train, torch.device(device)), plan)
+    s = auc_margin.with_loss(s, plan.loss, plan.train.auc_margin, train, plan.targets)
     seed_everything(plan.seed)
     main = distributed.is_main()  # only rank 0 reads and writes files; the others follow it
     saved = ckpt.load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path and main else None
@@ -266,7 +277,7 @@ def train_round(model: ChexNet, train: ArraySet, valid: ArraySet, plan: RoundPla
     if checkpoint_path and main:
         ckpt.remove_checkpoint(checkpoint_path)
     return RoundResult(loop.history, loop.best.epoch, loop.best.metrics, loop.batch_size,
-                       loop.state.micro, start - 1 if saved is not None else None)
+                       loop.state.micro, start - 1 if saved is not None else None, plan.loss)
 
 
 def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, plan: RoundPlan,
@@ -275,6 +286,7 @@ def _run_epoch(loop: _Loop, model: nn.Module, train_dl, valid_dl, s: Settings, p
     distributed.set_epoch(train_dl, epoch)  # the epoch's permutation: seed + epoch
     train_loss = train_one_epoch(model, train_dl, loop.optimizer, loop.schedule, loop.state, s,
                                  epoch, n_batches)
+    auc_margin.end_epoch(loop.optimizer)  # PESG: the next epoch's reference weights
     train_loss = float(distributed.mean_over_ranks(
         torch.tensor(train_loss, dtype=torch.float64, device=s.device)))
     distributed.average_buffers(loop.model)  # one BatchNorm state on every rank

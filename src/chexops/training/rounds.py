@@ -164,7 +164,7 @@ def mlflow_params(params: Params, k: int, n_train: int, n_valid: int) -> dict[st
                            "batch_size": params.train.batch_size,
                            "image_size": params.train.image_size, "seed": params.seed,
                            "arch": params.model.arch, "head": params.model.head,
-                           "n_train": n_train, "n_valid": n_valid}
+                           "n_train": n_train, "n_valid": n_valid, "loss": r.loss}
     if isinstance(r.lr, tuple):
         out.update(lr=str(list(r.lr)), lr_lo=r.lr[0], lr_hi=r.lr[1])
     else:
@@ -193,7 +193,8 @@ def round_metrics(result) -> dict[str, Any]:
         best["targets"] = per
     # best epoch 0: no epoch beat the weights the round started from, which it hands on
     return {**best, "best_epoch": result.best_epoch, "kept_start": result.best_epoch == 0,
-            "batch_size": result.batch_size, "micro_batch": result.micro_batch}
+            "batch_size": result.batch_size, "micro_batch": result.micro_batch,
+            "loss": result.loss}
 
 
 def log_best(stage_run, root: Path, k: int, result) -> None:
@@ -216,7 +217,7 @@ def plan_for(params: Params, k: int):
     r = params.round(k)  # lr may be "auto": the stage replaces it by the LR finder's choice
     lr = params.lr if r.lr is None else r.lr  # config lets only round 1 inherit the top-level lr
     return RoundPlan(r.epochs, lr, r.freeze, params.seed, tuple(params.targets),
-                     params.train, params.runtime, output_coding(params))
+                     params.train, params.runtime, output_coding(params), r.loss or "bce")
 
 
 def build_start_model(params: Params, prev: Path | None, root: Path | None = None):

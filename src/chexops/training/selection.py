@@ -36,7 +36,8 @@ def validate(model: nn.Module, loader, s: Settings, targets: tuple[str, ...],
         where = f" after epoch {epoch}" if epoch is not None else ""
         raise ChexopsError(f"validation outputs are not finite{where}: the model diverged; the best "
                            f"weights so far are kept; lower the round's lr or use a larger batch")
-    loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
+    with torch.no_grad():  # the AUC-margin loss holds trainable a, b, alpha
+        loss = s.loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask))
     probs = s.probs(logits)
     report = multi_target_metrics(labels, probs, targets, mask)
     per = list(report["targets"].values())

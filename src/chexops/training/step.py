@@ -21,9 +21,14 @@ MIN_MICRO_BATCH = 2       # BatchNorm needs two items per forward
 
 def step_denominator(mask: torch.Tensor, s: Settings, over_ranks: bool = True) -> torch.Tensor:
     """The batch's label count that every chunk's loss is divided by; under DDP the mean over the
-    ranks (one all-reduce), so averaging the ranks' gradients gives the global batch's gradient.
+    ranks (one all-reduce), so averaging the ranks' gradients gives the global batch's gradient;
+    under loss auc_margin the (T,) count per target.
     Computed once per step: an out-of-memory retry reuses it and makes no extra collective."""
-    denom = mask.to(s.device, non_blocking=True).float().sum()
+    counts = mask.to(s.device, non_blocking=True).float()
+    if s.auc is not None:  # AUC margin: one count per target, unclamped (0: no labels, skipped)
+        per = counts.sum(0)
+        return distributed.mean_over_ranks(per) if over_ranks else per
+    denom = counts.sum()
     return (distributed.mean_over_ranks(denom) if over_ranks else denom).clamp(min=1.0)
 
 
@@ -81,6 +86,8 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         # no loss here means this rank ran out of memory, so the `any` below is true then
         if not distributed.any_over_ranks(loss is None, s.device) and loss is not None:
             distributed.all_reduce_grads(model)
+            if s.auc is not None:  # AUC margin's a, b: one value on every rank
+                distributed.all_reduce_grads(s.auc)
             return loss, micro
         loss = None
         _free_after_oom(optimizer, s)
