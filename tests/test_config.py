@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from chexops.config import ConfigError, flatten, load_params, params_from_dict, to_dict
-from chexops.config.rules import validate_tune
+from chexops.config.tune_rules import validate_tune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())

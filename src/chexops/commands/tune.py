@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from chexops.config import Params
-from chexops.config.rules import validate_tune
+from chexops.config.tune_rules import validate_tune
 from chexops.errors import ChexopsError
 from chexops.redact import redact_url
 from chexops.tracking import git
