@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -83,6 +84,15 @@ def test_all_nine_stages_ran_and_are_locked(repo):
     # the data came from a local zip, as a user's own would: no hidden truth, so no ceiling (the
     # built-in synthetic source's ceiling is checked end to end in test_tracking_server.py)
     assert evaluation.get("ceiling_auroc") is None
+    # the zip's test.csv (the generator's held-out cohort) is scored, and only by evaluate
+    held = evaluation["test"]
+    assert held["n"] == len(pd.read_parquet(repo / "data/clean/test.parquet")) > 0
+    assert held["auroc_lo"] <= held["auroc"] <= held["auroc_hi"]
+    assert held["optimism"] == pytest.approx(evaluation["auroc"] - held["auroc"])
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    readers = [s for s, st in lock.items() if any(d["path"] == "data/clean/test.parquet"
+                                                  for d in st.get("deps", []))]
+    assert readers == ["evaluate"]
 
 
 def dvc_status(repo: Path) -> dict:
@@ -230,6 +240,9 @@ def test_plots_show_renders(repo):
     rendered = json.loads(out)
     names = json.dumps(rendered)
     assert "plots/evaluate/roc.csv" in names and "plots/round-1/history.csv" in names
+    # every round's epochs on one axis, from the top-level plots
+    steps = [int(v["step"]) for v in rendered["data"]["rounds-auroc"][0]["content"]["data"]["values"]]
+    assert steps == [1, 2, 3, 4, 5]      # five rounds of one epoch each (reduced: no epoch 0)
 
 
 def test_a_trial_failing_in_a_temp_workspace_lands_failed_in_the_main_store(repo):
