@@ -3,10 +3,11 @@ validation AUROC well above chance and below the ceiling the hidden truth allows
 
 This is the promise the README's `make repro` makes; the reduced end-to-end test (32 px, a
 hundred images) is too small to check it. The test runs the real `dvc repro` of the shipped
-params up to train-round-1 (DenseNet121, 3 epochs at 64 px on ~2,000 images, about 4 minutes on
-2 cores): rounds 2-5 and evaluate are the same code the reduced end-to-end test runs, and the
-whole default pipeline's time and AUROC are measured by benchmarks/pipeline_bench.py instead
-(CI stays under its 30 minutes).
+params up to train-round-1 (DenseNet121 at 64 px on ~3,200 oversampled images), with one change:
+round 1 trains one epoch of its one-cycle schedule instead of three (about 3 minutes on one
+thread), so CI stays within its time goal. Rounds 2-5 and evaluate are the same code the reduced
+end-to-end test runs, and the whole default pipeline's time and test-cohort AUROC (three epochs,
+five rounds) are measured by benchmarks/pipeline_bench.py instead.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.pipeline_repo import REPO, deep_update, make_repo_copy, pipeline_env,
 
 pytestmark = pytest.mark.slow
 
-WELL_ABOVE_CHANCE = 0.70  # the two-core reference run reaches ~0.9 after round 1
+WELL_ABOVE_CHANCE = 0.70  # the three-epoch round 1 reaches ~0.96 (benchmarks/results)
 
 
 def test_default_profile_learns_cardiomegaly_in_round_one(tmp_path):
@@ -32,6 +33,7 @@ def test_default_profile_learns_cardiomegaly_in_round_one(tmp_path):
     params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()),
                          {"runtime": {"device": "cpu", "threads": 1},
                           "data": {"synthetic": {"test_patients": 0}}})
+    params["rounds"]["r1"]["epochs"] = 1
     repo = make_repo_copy(tmp_path, params)
     run(["dvc", "repro", "train-round-1"], repo, pipeline_env(), timeout=1500)
     result = json.loads((repo / paths.round_metrics(1)).read_text())
