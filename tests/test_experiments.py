@@ -165,7 +165,8 @@ def write_stage_metrics(out: Path, policy: str, seed: int) -> None:
     for k in range(1, 6):
         row = {key: float(rng.random()) for key in HISTORY_KEYS}
         best = {**row, "targets": {"Cardiomegaly": binary_metrics(y, np.roll(p, k))}}
-        result = types.SimpleNamespace(best_metrics=best, best_epoch=1, batch_size=16, micro_batch=16)
+        result = types.SimpleNamespace(best_metrics=best, best_epoch=1, batch_size=16, micro_batch=16,
+                                       loss="bce")
         atomic.write_json(out / paths.round_metrics(k), round_metrics(result))
 
 
