@@ -68,23 +68,35 @@ def outcome(repo: Path, target: str) -> dict:
     }
 
 
+def score_round(repo: Path, k: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """(held-out test table, round k's weights' probabilities on it: (N, targets)), with the
+    evaluate stage's own predictor."""
+    from chexops import paths
+    from chexops.config import load_params
+    from chexops.inference.frames import predict_frame
+
+    params = load_params(repo / "params.yaml")
+    test = pd.read_parquet(repo / paths.CLEAN_TEST)
+    probs = predict_frame(params, repo / paths.round_weights(k), test, repo / paths.RAW_ZIP, repo)
+    return test, np.asarray(probs)
+
+
 def round_outcome(repo: Path, k: int, target: str) -> dict:
     """`--until k`: rounds 1..k's best validation AUROC and round k's weights scored on the
     held-out test cohort with evaluate's own functions (the rest of evaluate skipped)."""
     from chexops import paths
     from chexops.config import load_params
     from chexops.evaluation.heldout import add_heldout
-    from chexops.inference.frames import predict_frame
 
     params = load_params(repo / "params.yaml")
     rounds = {i: json.loads((repo / f"metrics/round-{i}.json").read_text()) for i in range(1, k + 1)}
-    test = pd.read_parquet(repo / paths.CLEAN_TEST)
-    probs = predict_frame(params, repo / paths.round_weights(k), test, repo / paths.RAW_ZIP, repo)
+    test, probs = score_round(repo, k)
     metrics = {target: {"auroc": rounds[k]["auroc"]}}
     add_heldout(metrics, test, probs, (target,), params.evaluate.threshold,
                 params.evaluate.bootstrap, params.seed, pd.read_parquet(repo / paths.TRUTH))
     held = metrics[target]["test"]
     return {"round_best_valid_auroc": {i: r["auroc"] for i, r in rounds.items()},
+            "round_kept_start": {i: r.get("kept_start") for i, r in rounds.items()},
             "scored_round": k, "test_auroc": held["auroc"], "test_auroc_lo": held["auroc_lo"],
             "test_auroc_hi": held["auroc_hi"], "test_ceiling_auroc": held.get("ceiling_auroc"),
             "test_ceiling_fraction": held.get("ceiling_fraction"),
