@@ -62,6 +62,7 @@ def rounds_figure(table: pd.DataFrame) -> "Figure":
                 ylabel="loss")
     auroc_ax.set(title="validation AUROC (best epoch ringed)", xlabel="epoch (all rounds)",
                  ylabel="AUROC")
-    auroc_ax.legend(fontsize=7, loc="lower right")
+    if len(table):   # no rounds' histories (evaluate run by hand): nothing to label
+        auroc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
