@@ -62,10 +62,11 @@ def one_seed(seed: int, target: str) -> dict:
         repo = make_repo_copy(Path(tmp), params)
         for arm in ARMS:
             seconds = train_round_2(repo, arm)
-            test, p = score_round(repo, 2)
+            loaded = load_params(repo / "params.yaml")
+            test, p = score_round(repo, 2, loaded)
             mask, y = valid_labels(test, target)
             probs[arm] = p[mask, 0]
-            cfg = load_params(repo / "params.yaml").evaluate
+            cfg = loaded.evaluate
             valid = json.loads((repo / "metrics/round-2.json").read_text())
             record = heldout_record(y, probs[arm], cfg.threshold, cfg.bootstrap, seed, valid["auroc"])
             out["arms"][arm] = {"test_auroc": record["auroc"], "test_auroc_lo": record["auroc_lo"],

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,14 +69,12 @@ def outcome(repo: Path, target: str) -> dict:
     }
 
 
-def score_round(repo: Path, k: int) -> tuple[pd.DataFrame, np.ndarray]:
+def score_round(repo: Path, k: int, params: Any) -> tuple[pd.DataFrame, np.ndarray]:
     """(held-out test table, round k's weights' probabilities on it: (N, targets)), with the
-    evaluate stage's own predictor."""
+    evaluate stage's own predictor; params: the repo's loaded Params."""
     from chexops import paths
-    from chexops.config import load_params
     from chexops.inference.frames import predict_frame
 
-    params = load_params(repo / "params.yaml")
     test = pd.read_parquet(repo / paths.CLEAN_TEST)
     probs = predict_frame(params, repo / paths.round_weights(k), test, repo / paths.RAW_ZIP, repo)
     return test, np.asarray(probs)
@@ -90,7 +89,7 @@ def round_outcome(repo: Path, k: int, target: str) -> dict:
 
     params = load_params(repo / "params.yaml")
     rounds = {i: json.loads((repo / f"metrics/round-{i}.json").read_text()) for i in range(1, k + 1)}
-    test, probs = score_round(repo, k)
+    test, probs = score_round(repo, k, params)
     metrics = {target: {"auroc": rounds[k]["auroc"]}}
     add_heldout(metrics, test, probs, (target,), params.evaluate.threshold,
                 params.evaluate.bootstrap, params.seed, pd.read_parquet(repo / paths.TRUTH))

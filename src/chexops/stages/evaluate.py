@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from chexops import atomic, paths
+from chexops.commands.compare import predictions_frame
 from chexops.config import N_ROUNDS, Params
 from chexops.evaluation import confusion, figures, heldout, rounds
 from chexops.evaluation import targets as evaluate
@@ -66,11 +67,10 @@ def score_heldout(params: Params, root: Path, weights: Path, metrics: dict[str, 
                   truth: pd.DataFrame | None) -> pd.DataFrame | None:
     """metrics[<target>]['test'] from data/clean/test.parquet (None when the data has no test
     cohort); returns its per-image predictions (compare.predictions_frame's layout)."""
-    from chexops.commands.compare import predictions_frame
-
     test = pd.read_parquet(paths.require(root, paths.CLEAN_TEST, "run `dvc repro clean` first"))
     if len(test) == 0:
-        print("evaluate: no held-out test cohort (the data has no test.csv)")
+        print("evaluate: no held-out test cohort (the data has no test.csv, or clean's filters "
+              "left none of it)")
         return None
     probs = predict(params, root, weights, test)
     heldout.add_heldout(metrics, test, probs, params.targets, params.evaluate.threshold,
