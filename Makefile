@@ -28,7 +28,7 @@ test: setup lint
 	$(PYTEST)
 
 lint: setup
-	$(BIN)/ruff check src benchmarks
+	$(BIN)/ruff check src benchmarks tests
 	$(BIN)/mypy
 
 test-fast: setup

@@ -19,13 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chexops.training import distributed  # noqa: E402
-from chexops.data.batches import ArraySet, make_loader  # noqa: E402
 from chexops.config import ModelConfig, RuntimeConfig, TrainConfig  # noqa: E402
-from chexops.model.network import build_model  # noqa: E402
-from chexops.training.loop import RoundPlan, train_round
-from chexops.inference.settings import Settings
+from chexops.data.batches import ArraySet, make_loader  # noqa: E402
 from chexops.inference.predictor import predict_logits
+from chexops.inference.settings import Settings
+from chexops.model.network import build_model  # noqa: E402
+from chexops.training import distributed  # noqa: E402
+from chexops.training.loop import RoundPlan, train_round
 
 SEED = 7
 N_TRAIN, N_VALID, SIZE, BATCH = 64, 21, 32, 16  # 21: the validation shards need padding

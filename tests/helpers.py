@@ -16,7 +16,8 @@ from chexops.data.schema import CSV_COLUMNS
 ROOT = "CheXpert-v1.0-small"
 
 
-def chexpert_rows(train_patients: int = 6, valid_patients: int = 3, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def chexpert_rows(train_patients: int = 6, valid_patients: int = 3,
+                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, valid) CSV frames: 2 views per patient; train labels 1/0/-1/blank, valid 0/1."""
     rng = np.random.default_rng(seed)
     frames = []

@@ -155,8 +155,8 @@ def test_data_checks_accept_good_values():
 
 
 def test_augment_presets_are_within_the_bounds():
-    from chexops.data.augment import PRESETS
     from chexops.config import AUGMENT_BOUNDS
+    from chexops.data.augment import PRESETS
 
     for cfg in PRESETS.values():
         for name, top in AUGMENT_BOUNDS.items():

@@ -15,12 +15,11 @@ import yaml
 from PIL import Image
 
 from chexops import cli
-
 from chexops.commands import predict
-from chexops.data import decode
-from chexops.inference import predictor as inference_predictor
 from chexops.config import to_dict
+from chexops.data import decode
 from chexops.errors import ChexopsError
+from chexops.inference import predictor as inference_predictor
 from tests.tiny_model import SIZE, png_bytes, radiograph, tiny_params, tiny_weights
 
 torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexops.stages import clean as clean_stage
 from chexops.data import clean
 from chexops.errors import ChexopsError
+from chexops.stages import clean as clean_stage
 from tests.helpers import chexpert_rows, csv_text, jpeg_bytes, make_params, write_chexpert_zip
 
 

@@ -16,10 +16,10 @@ import pytest
 import requests
 import yaml
 
-from chexops.stages import download as download_stage
 from chexops.data import download
 from chexops.data.synthetic.generate import generate_zip
 from chexops.errors import ChexopsError
+from chexops.stages import download as download_stage
 from tests.helpers import TINY_SYNTHETIC, chexpert_rows, csv_text, make_params, write_chexpert_zip
 
 
@@ -103,7 +103,8 @@ def bad_zip(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, message", [("not-zip", "is not a zip file"),
-                                           ("not-chexpert", "is not CheXpert: no CheXpert-v1.0-small/train.csv"),
+                                           ("not-chexpert",
+                                            "is not CheXpert: no CheXpert-v1.0-small/train.csv"),
                                            ("zip-slip", "zip-slip"), ("absolute", "zip-slip")])
 def test_bad_zips_are_refused_leaving_previous_data(tmp_path, stage_runs, tiny_chexpert_zip, kind, message):
     root = tmp_path / "repo"
@@ -125,7 +126,8 @@ def test_missing_path_and_non_chexpert_folder(tmp_path, stage_runs):
     assert not list((tmp_path / "repo/data").glob(".raw*"))
 
 
-def test_disk_full_gives_a_clear_error_and_no_partial_output(tmp_path, stage_runs, tiny_chexpert_zip, monkeypatch):
+def test_disk_full_gives_a_clear_error_and_no_partial_output(tmp_path, stage_runs, tiny_chexpert_zip,
+                                                             monkeypatch):
     def full(src, dst, *a, **k):
         with open(dst, "wb") as fh:
             fh.write(b"partial")
@@ -176,12 +178,14 @@ def server(tiny_chexpert_zip):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.handle_error = lambda request, address: None   # a client that gave up: not news
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield {"base": f"http://127.0.0.1:{httpd.server_address[1]}", "hits": hits, "sha": hashlib.sha256(body).hexdigest()}
+    yield {"base": f"http://127.0.0.1:{httpd.server_address[1]}", "hits": hits,
+           "sha": hashlib.sha256(body).hexdigest()}
     httpd.shutdown()
     httpd.server_close()
 
 
-def test_url_download_verifies_checksum_and_redacts_the_token(tmp_path, stage_runs, server, monkeypatch, capsys):
+def test_url_download_verifies_checksum_and_redacts_the_token(tmp_path, stage_runs, server, monkeypatch,
+                                                             capsys):
     monkeypatch.setenv("CHEXPERT_URL", f"{server['base']}/chexpert.zip?token=SECRET123&sig=abc")
     download_stage.main(params_for("url", sha256=server["sha"]), tmp_path)
     assert hashlib.sha256((tmp_path / "data/raw/chexpert.zip").read_bytes()).hexdigest() == server["sha"]
@@ -348,7 +352,8 @@ def test_url_in_data_source_is_refused_redacted(tmp_path, stage_runs):
                                  "http://10.0.0.5:8080/c.zip?token=SECRET123"])
 def test_plain_http_is_refused_unless_loopback(tmp_path, stage_runs, monkeypatch, url):
     monkeypatch.setenv("CHEXPERT_URL", url)
-    with pytest.raises(ChexopsError, match=r"\$CHEXPERT_URL is a plain http:// URL .* use the https:// link") as info:
+    plain = r"\$CHEXPERT_URL is a plain http:// URL .* use the https:// link"
+    with pytest.raises(ChexopsError, match=plain) as info:
         download_stage.main(params_for("url"), tmp_path)
     assert no_secret(str(info.value))
     assert_raw_untouched(tmp_path)

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexops.stages import resample as resample_stage
 from chexops.data import clean, resample
 from chexops.data.resample import resample_frame
 from chexops.errors import ChexopsError
+from chexops.stages import resample as resample_stage
 from tests.helpers import chexpert_rows, make_params
 
 # The real CheXpert-v1.0-small train.csv, Cardiomegaly column
@@ -107,7 +107,8 @@ def test_main_writes_train_and_untouched_valid(tmp_path, stage_runs):
     out_train = pd.read_parquet(tmp_path / "data/resampled/train.parquet")
     assert out_valid.equals(df[df["valid"]].reset_index(drop=True))
     y = out_train["Cardiomegaly"]
-    assert (y == 1).sum() == (y == 0).sum() == max((df.loc[~df["valid"], "Cardiomegaly"] == v).sum() for v in (0, 1))
+    majority = max((df.loc[~df["valid"], "Cardiomegaly"] == v).sum() for v in (0, 1))
+    assert (y == 1).sum() == (y == 0).sum() == majority
     assert not set(out_train["patient"]) & set(out_valid["patient"])
     metrics = json.loads((tmp_path / "metrics/resample.json").read_text())
     assert metrics["train"]["rows"] == len(out_train) and metrics["valid"]["rows"] == len(out_valid)

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from chexops.config import SyntheticConfig
-from chexops.data.synthetic import phantom
 from chexops.data.schema import CSV_COLUMNS
+from chexops.data.synthetic import phantom
 from chexops.data.synthetic.generate import build_cohort, generate_zip
 from tests.helpers import TINY_SYNTHETIC
 
@@ -103,7 +103,8 @@ def test_test_cohort_has_its_own_seed_and_leaves_train_and_valid_unchanged():
     assert rows.loc[held, kept].reset_index(drop=True).equals(     # the data seed leaves it be
         other_data_seed.loc[other_data_seed["split"] == "test", kept].reset_index(drop=True))
     test = rows[held]
-    assert test["patient_id"].nunique() == TINY.test_patients == test.groupby("patient_id")["study"].max().sum()
+    studies = test.groupby("patient_id")["study"].max().sum()
+    assert test["patient_id"].nunique() == TINY.test_patients == studies
 
 
 def test_default_test_cohort_is_large_expert_read_and_like_validation():

@@ -15,10 +15,9 @@ from safetensors import safe_open
 from chexops import paths
 from chexops.config import ConfigError
 from chexops.errors import ChexopsError
+from chexops.model.coding import OutputCoding, encode_labels, masked_bce, output_coding, relabel
 from chexops.stages import train_round as stage
 from chexops.training import rounds
-from chexops.model.coding import masked_bce
-from chexops.model.coding import OutputCoding, encode_labels, output_coding, relabel
 from tests.stages.test_train_round import frame, params, root, runs  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)

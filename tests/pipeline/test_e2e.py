@@ -1,5 +1,5 @@
-"""The real nine-stage DVC pipeline (and its source fingerprint), reduced, end to end: `make repro`, `dvc exp run -S lr=...`,
-`dvc exp show`, and what lands in the MLflow store."""
+"""The real nine-stage DVC pipeline (and its source fingerprint), reduced, end to end: `make repro`,
+`dvc exp run -S lr=...`, `dvc exp show`, and what lands in the MLflow store."""
 from __future__ import annotations
 
 import hashlib

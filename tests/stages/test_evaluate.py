@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from chexops.config import load_params
 from chexops.evaluation import confusion, figures
 from chexops.evaluation import targets as evaluate
-from chexops.config import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 Y = np.array([0, 0, 0, 1, 1, 0, 1, 0])

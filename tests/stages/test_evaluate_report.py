@@ -1,4 +1,5 @@
-"""The evaluate stage's statistics, report, Grad-CAM and registry, end to end on a tiny real model (resnet18, 32 px):
+"""The evaluate stage's statistics, report, Grad-CAM and registry, end to end on a tiny real model
+(resnet18, 32 px):
 CIs, operating point, calibration and subgroups in metrics/evaluate.json; predictions.parquet,
 Grad-CAM grids and a self-contained report.html; the model registered as champion; and
 `compare workspace <trial>` working on what the stage wrote."""
@@ -15,9 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from chexops.commands import compare
-
-from chexops.commands import predict
+from chexops.commands import compare, predict
 from tests.tiny_model import REPO, SIZE, tiny_params, tiny_weights
 
 torch.set_num_threads(1)
@@ -104,8 +103,9 @@ def test_stage_writes_statistics_report_predictions_and_registers(stage_repo, ca
 
     # the stage's outputs are what compare reads: workspace against its own trial run
     trial_id = run.data.tags["mlflow.parentRunId"]
-    from chexops import cli
     import yaml
+
+    from chexops import cli
     from chexops.config import to_dict
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
     capsys.readouterr()

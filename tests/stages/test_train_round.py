@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from chexops import paths
-from chexops.tracking import runs as tracking
 from chexops.config import params_from_dict
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
+from chexops.tracking import runs as tracking
 from chexops.training import rounds
 from tests.helpers import fake_stage_run
 from tests.training.test_loop import kill_in_epoch

@@ -25,10 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chexops.training import distributed
 from chexops.config import params_from_dict
 from chexops.errors import ChexopsError
 from chexops.stages import train_round as stage
+from chexops.training import distributed
 from tests.processes import run_group
 
 REPO = Path(__file__).resolve().parents[2]

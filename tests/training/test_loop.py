@@ -11,17 +11,17 @@ from safetensors.torch import load_file
 
 import chexops.training.loop as train_mod
 import chexops.training.step as step_mod
-from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.config import ModelConfig, TrainConfig
+from chexops.data.batches import ArraySet, make_loader, to_input
 from chexops.errors import ChexopsError
-from chexops.model.network import build_model
-from chexops.training.schedule import OneCycle, discriminative_lrs
 from chexops.inference.predictor import predict_probs
 from chexops.inference.settings import Settings
 from chexops.model.coding import masked_bce
+from chexops.model.network import build_model
 from chexops.model.weights import state_to_save
 from chexops.training.loop import RoundPlan, train_round
 from chexops.training.rounds import round_metrics
+from chexops.training.schedule import OneCycle, discriminative_lrs
 from chexops.training.step import accumulate_grads, auto_batch_size
 
 torch.set_num_threads(1)

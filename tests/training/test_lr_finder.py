@@ -10,14 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from chexops import paths
-
-from chexops.training import lr_finder as lr_find
 from chexops.config import LRFindConfig
 from chexops.errors import ChexopsError
-from chexops.stages import train_round as stage
 from chexops.inference.settings import Settings
-from tests.training.test_loop import new_model, plan, tiny_data
+from chexops.stages import train_round as stage
+from chexops.training import lr_finder as lr_find
 from tests.stages.test_train_round import params, root, runs  # noqa: F401 (fixtures)
+from tests.training.test_loop import new_model, plan, tiny_data
 
 torch.set_num_threads(1)
 CPU = Settings(torch.device("cpu"))
