@@ -15,6 +15,7 @@ from safetensors import safe_open
 from chexops import paths
 from chexops.config import ConfigError
 from chexops.errors import ChexopsError
+from chexops.inference.settings import Settings
 from chexops.model.coding import OutputCoding, encode_labels, masked_bce, output_coding, relabel
 from chexops.stages import train_round as stage
 from chexops.training import rounds
@@ -49,6 +50,16 @@ def test_multiclass_probability_is_pos_over_pos_plus_neg():
     soft = np.exp(logits[:, 1:]) / np.exp(logits[:, 1:]).sum(1, keepdims=True)
     np.testing.assert_allclose(p[:, 1], soft[:, 1] / (soft[:, 1] + soft[:, 0]))
     np.testing.assert_allclose(p[:, 0], 1 / (1 + np.exp(-logits[:, 0])))
+
+
+@pytest.mark.filterwarnings("error")
+def test_extreme_logits_give_probabilities_without_overflow_warnings():
+    # a diverged or very confident network gives |logit| in the thousands
+    logits = np.array([[-1000.0, 0.0, 800.0, 3.0, -900.0]])  # multiclass: (neg, pos, uncertain)
+    p = OutputCoding(("binary", "multiclass", "binary")).probs(logits)
+    np.testing.assert_array_equal(p, [[0.0, 1.0, 0.0]])
+    sigmoid = Settings(torch.device("cpu")).probs(np.array([[-1000.0], [0.0], [1000.0]]))
+    np.testing.assert_array_equal(sigmoid, [[0.0], [0.5], [1.0]])
 
 
 def test_coded_loss_matches_bce_and_cross_entropy():

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from chexops.config import RuntimeConfig, TrainConfig
 from chexops.model.coding import masked_bce
@@ -40,7 +41,7 @@ class Settings:
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """Positive probability per target (sigmoid; p(pos)/(p(pos)+p(neg)) for multiclass)."""
         if self.coding is None or self.coding.all_binary:
-            return 1.0 / (1.0 + np.exp(-logits))
+            return expit(logits)  # scipy: no overflow warning for a very negative logit
         return self.coding.probs(logits)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from chexops.config import Params
@@ -97,9 +98,9 @@ class OutputCoding:
         for sl, kind in zip(self.slices(), self.kinds):
             z = logits[:, sl]
             if kind == BINARY:
-                cols.append(1.0 / (1.0 + np.exp(-z[:, 0])))
+                cols.append(expit(z[:, 0]))
             else:  # p(pos) / (p(pos) + p(neg)) = sigmoid(z_pos - z_neg): the softmax cancels
-                cols.append(1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0]))))
+                cols.append(expit(z[:, 1] - z[:, 0]))
         return np.stack(cols, axis=1) if cols else np.zeros((len(logits), 0))
 
 
