@@ -5,7 +5,7 @@ Writes benchmarks/results/auc_compare.json.
     python benchmarks/auc_compare.py --seeds 42 7 11 --auc-lr 0.01
     python benchmarks/auc_compare.py --seeds 1 -S data.synthetic.train_patients=60 --name smoke
 
-`-S key=value` (as in pipeline_bench.py) changes both arms' params, e.g. for a quick smoke run.
+`-S key=value` (as in pipeline_bench.py) changes every arm's params, e.g. for a quick smoke run.
 
 Per seed, in one fresh copy of the repo (params.yaml with that `seed`): `dvc repro
 train-round-2` with BCE rounds (round 1 is BCE in every arm, the LibAUC recipe), then round 2
